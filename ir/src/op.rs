@@ -1,0 +1,460 @@
+//! The op set of the tensor-graph IR: forward ops, the backward ops that autodiff
+//! introduces, the optimizer update, and the shape rule of each.
+//!
+//! Batch norm is split into pure ops so that nothing has two outputs:
+//! `BnStats` computes the per-channel batch mean and biased variance as a `[2, C]`
+//! tensor, `BnApply` normalises with any such tensor (batch statistics in training,
+//! running statistics in evaluation), and `BnRunningUpdate` is the one op that
+//! writes the running statistics. The affine parameters of a batch norm are one
+//! `[2, C]` tensor: row 0 is the scale (gamma), row 1 the shift (beta).
+
+use serde::{Deserialize, Serialize};
+
+use crate::graph::TensorType;
+
+/// How a parameter or state tensor is initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Init {
+    /// Normal with standard deviation `sqrt(2 / fan)` (He et al., 2015).
+    HeNormal { fan: usize },
+    /// Uniform in `[-bound, bound]`.
+    Uniform { bound: f32 },
+    /// Row 0 ones, row 1 zeros: batch-norm affine parameters (gamma = 1, beta = 0).
+    BnAffine,
+    /// Row 0 zeros (mean), row 1 ones (variance).
+    RunningStats,
+    Zeros,
+}
+
+/// What a node is for; the executor allocates persistent storage for every role
+/// but `Compute`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A batch of images, fed by the data loader.
+    Image,
+    /// A batch of labels (class indices stored as f32), fed by the data loader.
+    Label,
+    /// A trainable parameter.
+    Param,
+    /// Non-trainable state saved with the parameters (running statistics).
+    State,
+    /// Optimizer state saved with checkpoints (SGD velocity).
+    OptState,
+    /// An ordinary computed value.
+    Compute,
+    /// A side effect that overwrites its first operand in place.
+    Update,
+}
+
+/// One op. Spatial sizes are square kernels with equal stride and padding on both
+/// axes, which covers every network in the Log-DenseNet paper and its baselines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    // ---- leaves
+    Image,
+    Label,
+    Param { init: Init },
+    State { init: Init },
+    /// SGD velocity of the parameter with the same shape.
+    Velocity,
+
+    // ---- forward
+    Conv2d { k: usize, stride: usize, pad: usize },
+    ConvTranspose2d { k: usize, stride: usize, pad: usize, out_pad: usize },
+    BnStats,
+    BnApply { eps: f32 },
+    Relu,
+    Concat,
+    AvgPool { k: usize, stride: usize, pad: usize },
+    MaxPool { k: usize, stride: usize, pad: usize },
+    GlobalAvgPool,
+    /// `y = x w + b` with `x: [N, C]`, `w: [C, K]`, `b: [K]`.
+    Linear,
+    /// A mask of 0 and `1 / (1 - p)` drawn fresh every step.
+    DropoutMask { p: f32 },
+    Mul,
+    /// Element-wise sum of any number of operands of one type.
+    Sum,
+    Scale { factor: f32 },
+    /// Top-left crop to `h x w` (FC-DenseNet up path, where a transposed conv
+    /// overshoots an odd-sized skip connection).
+    Crop { h: usize, w: usize },
+    /// Mean softmax cross-entropy over labelled positions, weighted by
+    /// `class_weights[label]` and normalised by the sum of those weights.
+    SoftmaxCrossEntropy { ignore: Option<u32>, class_weights: Option<Vec<f32>> },
+
+    // ---- backward
+    Conv2dBackwardData { k: usize, stride: usize, pad: usize, in_h: usize, in_w: usize },
+    Conv2dBackwardFilter { k: usize, stride: usize, pad: usize },
+    ConvTranspose2dBackwardData { k: usize, stride: usize, pad: usize },
+    ConvTranspose2dBackwardFilter { k: usize, stride: usize, pad: usize },
+    BnBackward { eps: f32 },
+    BnAffineGrad { eps: f32 },
+    /// `dx = dy * [x > 0]` with operands `(x, dy)`.
+    ReluBackward,
+    /// Channels `start .. start + len` of the operand (the VJP of `Concat`).
+    Slice { start: usize, len: usize },
+    AvgPoolBackward { k: usize, stride: usize, pad: usize, in_h: usize, in_w: usize },
+    MaxPoolBackward { k: usize, stride: usize, pad: usize },
+    GlobalAvgPoolBackward { h: usize, w: usize },
+    LinearBackwardData,
+    LinearBackwardWeight,
+    /// Sum over the batch dimension (bias gradients).
+    SumBatch,
+    CropBackward { h: usize, w: usize },
+    /// `weight * d(loss)/d(logits)` with operands `(logits, labels)`.
+    SoftmaxCrossEntropyBackward {
+        weight: f32,
+        ignore: Option<u32>,
+        class_weights: Option<Vec<f32>>,
+    },
+
+    // ---- side effects
+    /// `running = (1 - m) * running + m * batch`, with the unbiased variance;
+    /// operands `(state, stats)`. `per_item` is the number of elements averaged per
+    /// channel for one image (`h * w`), which the unbiased correction needs.
+    BnRunningUpdate { momentum: f32, per_item: usize },
+    /// SGD with momentum and weight decay, operands `(param, grad, velocity)`; the
+    /// learning rate comes from the executor at every step.
+    SgdUpdate { momentum: f32, weight_decay: f32, nesterov: bool },
+}
+
+fn out_size(input: usize, k: usize, stride: usize, pad: usize) -> Option<usize> {
+    (input + 2 * pad).checked_sub(k).map(|span| span / stride + 1)
+}
+
+fn expect_arity(types: &[&TensorType], n: usize) -> Result<(), String> {
+    if types.len() == n {
+        Ok(())
+    } else {
+        Err(format!("expected {n} operands, got {}", types.len()))
+    }
+}
+
+fn expect_rank(t: &TensorType, rank: usize, what: &str) -> Result<(), String> {
+    if t.dims.len() == rank {
+        Ok(())
+    } else {
+        Err(format!("{what} must have rank {rank}, got {t}"))
+    }
+}
+
+fn spatial(
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<(usize, usize), String> {
+    match (out_size(h, k, stride, pad), out_size(w, k, stride, pad)) {
+        (Some(ho), Some(wo)) if stride > 0 => Ok((ho, wo)),
+        _ => Err(format!(
+            "a {k}x{k} window with stride {stride} and padding {pad} does not fit a {h}x{w} input"
+        )),
+    }
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Image => "image",
+            Op::Label => "label",
+            Op::Param { .. } => "param",
+            Op::State { .. } => "state",
+            Op::Velocity => "velocity",
+            Op::Conv2d { .. } => "conv2d",
+            Op::ConvTranspose2d { .. } => "conv_transpose2d",
+            Op::BnStats => "bn_stats",
+            Op::BnApply { .. } => "bn_apply",
+            Op::Relu => "relu",
+            Op::Concat => "concat",
+            Op::AvgPool { .. } => "avg_pool",
+            Op::MaxPool { .. } => "max_pool",
+            Op::GlobalAvgPool => "global_avg_pool",
+            Op::Linear => "linear",
+            Op::DropoutMask { .. } => "dropout_mask",
+            Op::Mul => "mul",
+            Op::Sum => "sum",
+            Op::Scale { .. } => "scale",
+            Op::Crop { .. } => "crop",
+            Op::SoftmaxCrossEntropy { .. } => "softmax_cross_entropy",
+            Op::Conv2dBackwardData { .. } => "conv2d_backward_data",
+            Op::Conv2dBackwardFilter { .. } => "conv2d_backward_filter",
+            Op::ConvTranspose2dBackwardData { .. } => "conv_transpose2d_backward_data",
+            Op::ConvTranspose2dBackwardFilter { .. } => "conv_transpose2d_backward_filter",
+            Op::BnBackward { .. } => "bn_backward",
+            Op::BnAffineGrad { .. } => "bn_affine_grad",
+            Op::ReluBackward => "relu_backward",
+            Op::Slice { .. } => "slice",
+            Op::AvgPoolBackward { .. } => "avg_pool_backward",
+            Op::MaxPoolBackward { .. } => "max_pool_backward",
+            Op::GlobalAvgPoolBackward { .. } => "global_avg_pool_backward",
+            Op::LinearBackwardData => "linear_backward_data",
+            Op::LinearBackwardWeight => "linear_backward_weight",
+            Op::SumBatch => "sum_batch",
+            Op::CropBackward { .. } => "crop_backward",
+            Op::SoftmaxCrossEntropyBackward { .. } => "softmax_cross_entropy_backward",
+            Op::BnRunningUpdate { .. } => "bn_running_update",
+            Op::SgdUpdate { .. } => "sgd_update",
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        match self {
+            Op::Image => Role::Image,
+            Op::Label => Role::Label,
+            Op::Param { .. } => Role::Param,
+            Op::State { .. } => Role::State,
+            Op::Velocity => Role::OptState,
+            Op::BnRunningUpdate { .. } | Op::SgdUpdate { .. } => Role::Update,
+            _ => Role::Compute,
+        }
+    }
+
+    /// Infers the output type from the operand types, or says why they do not fit.
+    pub fn infer(&self, t: &[&TensorType]) -> Result<TensorType, String> {
+        match self {
+            Op::Image | Op::Label | Op::Param { .. } | Op::State { .. } | Op::Velocity => {
+                Err("leaf ops are added with an explicit type".into())
+            }
+            Op::Conv2d { k, stride, pad } => {
+                expect_arity(t, 2)?;
+                expect_rank(t[0], 3, "input")?;
+                expect_rank(t[1], 4, "weight")?;
+                let (h, w, c) = (t[0].dims[0], t[0].dims[1], t[0].dims[2]);
+                let wd = &t[1].dims;
+                if wd[0] != *k || wd[1] != *k || wd[2] != c {
+                    return Err(format!(
+                        "weight {} does not match a {k}x{k} conv over {c} input channels",
+                        t[1]
+                    ));
+                }
+                let (ho, wo) = spatial(h, w, *k, *stride, *pad)?;
+                Ok(TensorType::batched(&[ho, wo, wd[3]]))
+            }
+            Op::ConvTranspose2d {
+                k,
+                stride,
+                pad,
+                out_pad,
+            } => {
+                expect_arity(t, 2)?;
+                expect_rank(t[0], 3, "input")?;
+                expect_rank(t[1], 4, "weight")?;
+                let (h, w, c) = (t[0].dims[0], t[0].dims[1], t[0].dims[2]);
+                let wd = &t[1].dims;
+                if wd[0] != *k || wd[1] != *k || wd[2] != c {
+                    return Err(format!("weight {} does not match {c} input channels", t[1]));
+                }
+                let grow = |x: usize| ((x - 1) * stride + k + out_pad).checked_sub(2 * pad);
+                match (grow(h), grow(w)) {
+                    (Some(ho), Some(wo)) if ho > 0 && wo > 0 => {
+                        Ok(TensorType::batched(&[ho, wo, wd[3]]))
+                    }
+                    _ => Err(format!("padding {pad} is larger than the output")),
+                }
+            }
+            Op::BnStats => {
+                expect_arity(t, 1)?;
+                Ok(TensorType::fixed(&[2, t[0].channels()]))
+            }
+            Op::BnApply { .. } => {
+                expect_arity(t, 3)?;
+                let c = t[0].channels();
+                for (i, what) in [(1, "statistics"), (2, "affine")] {
+                    if t[i].dims != [2, c] {
+                        return Err(format!("{what} {} must be [2, {c}]", t[i]));
+                    }
+                }
+                Ok(t[0].clone())
+            }
+            Op::Relu | Op::Scale { .. } | Op::DropoutMask { .. } => {
+                expect_arity(t, 1)?;
+                Ok(t[0].clone())
+            }
+            Op::Mul | Op::Sum | Op::ReluBackward => {
+                if t.is_empty() {
+                    return Err("expected at least one operand".into());
+                }
+                if let Some(bad) = t.iter().find(|x| **x != t[0]) {
+                    return Err(format!("operands differ: {} and {}", t[0], bad));
+                }
+                Ok(t[0].clone())
+            }
+            Op::Concat => {
+                if t.is_empty() {
+                    return Err("concat of nothing".into());
+                }
+                let lead = &t[0].dims[..t[0].dims.len() - 1];
+                let mut c = 0;
+                for x in t {
+                    if !x.batched || &x.dims[..x.dims.len() - 1] != lead {
+                        return Err(format!(
+                            "operands must agree in all but the channel dimension: {} and {}",
+                            t[0], x
+                        ));
+                    }
+                    c += x.channels();
+                }
+                let mut dims = lead.to_vec();
+                dims.push(c);
+                Ok(TensorType::batched(&dims))
+            }
+            Op::AvgPool { k, stride, pad } | Op::MaxPool { k, stride, pad } => {
+                expect_arity(t, 1)?;
+                expect_rank(t[0], 3, "input")?;
+                let (ho, wo) = spatial(t[0].dims[0], t[0].dims[1], *k, *stride, *pad)?;
+                Ok(TensorType::batched(&[ho, wo, t[0].dims[2]]))
+            }
+            Op::GlobalAvgPool => {
+                expect_arity(t, 1)?;
+                expect_rank(t[0], 3, "input")?;
+                Ok(TensorType::batched(&[t[0].dims[2]]))
+            }
+            Op::Linear => {
+                expect_arity(t, 3)?;
+                expect_rank(t[0], 1, "input")?;
+                let (c, k) = (t[0].dims[0], t[2].per_item());
+                if t[1].dims != [c, k] {
+                    return Err(format!("weight {} must be [{c}, {k}]", t[1]));
+                }
+                Ok(TensorType::batched(&[k]))
+            }
+            Op::Crop { h, w } => {
+                expect_arity(t, 1)?;
+                expect_rank(t[0], 3, "input")?;
+                if t[0].dims[0] < *h || t[0].dims[1] < *w {
+                    return Err(format!("cannot crop {} to {h}x{w}", t[0]));
+                }
+                Ok(TensorType::batched(&[*h, *w, t[0].dims[2]]))
+            }
+            Op::SoftmaxCrossEntropy { class_weights, .. } => {
+                expect_arity(t, 2)?;
+                let logits = &t[0].dims;
+                if t[1].dims != logits[..logits.len() - 1] {
+                    return Err(format!("labels {} do not match logits {}", t[1], t[0]));
+                }
+                if let Some(w) = class_weights {
+                    if w.len() != t[0].channels() {
+                        return Err(format!(
+                            "{} class weights for {} classes",
+                            w.len(),
+                            t[0].channels()
+                        ));
+                    }
+                }
+                Ok(TensorType::fixed(&[1]))
+            }
+            Op::Conv2dBackwardData {
+                k, in_h, in_w, ..
+            } => {
+                expect_arity(t, 2)?;
+                let wd = &t[1].dims;
+                if wd.len() != 4 || wd[0] != *k || t[0].channels() != wd[3] {
+                    return Err(format!("gradient {} does not match weight {}", t[0], t[1]));
+                }
+                Ok(TensorType::batched(&[*in_h, *in_w, wd[2]]))
+            }
+            Op::Conv2dBackwardFilter { k, .. } | Op::ConvTranspose2dBackwardFilter { k, .. } => {
+                expect_arity(t, 2)?;
+                Ok(TensorType::fixed(&[*k, *k, t[0].channels(), t[1].channels()]))
+            }
+            Op::ConvTranspose2dBackwardData { k, stride, pad } => {
+                expect_arity(t, 2)?;
+                let (ho, wo) = spatial(t[0].dims[0], t[0].dims[1], *k, *stride, *pad)?;
+                Ok(TensorType::batched(&[ho, wo, t[1].dims[2]]))
+            }
+            Op::BnBackward { .. } => {
+                expect_arity(t, 4)?;
+                Ok(t[0].clone())
+            }
+            Op::BnAffineGrad { .. } => {
+                expect_arity(t, 3)?;
+                Ok(TensorType::fixed(&[2, t[0].channels()]))
+            }
+            Op::Slice { start, len } => {
+                expect_arity(t, 1)?;
+                if start + len > t[0].channels() {
+                    return Err(format!(
+                        "channels {start}..{} out of range for {}",
+                        start + len,
+                        t[0]
+                    ));
+                }
+                let mut dims = t[0].dims.clone();
+                *dims.last_mut().expect("rank >= 1") = *len;
+                Ok(TensorType::batched(&dims))
+            }
+            Op::AvgPoolBackward { in_h, in_w, .. } => {
+                expect_arity(t, 1)?;
+                Ok(TensorType::batched(&[*in_h, *in_w, t[0].channels()]))
+            }
+            Op::MaxPoolBackward { .. } => {
+                expect_arity(t, 2)?;
+                Ok(t[0].clone())
+            }
+            Op::GlobalAvgPoolBackward { h, w } => {
+                expect_arity(t, 1)?;
+                Ok(TensorType::batched(&[*h, *w, t[0].channels()]))
+            }
+            Op::LinearBackwardData => {
+                expect_arity(t, 2)?;
+                Ok(TensorType::batched(&[t[1].dims[0]]))
+            }
+            Op::LinearBackwardWeight => {
+                expect_arity(t, 2)?;
+                Ok(TensorType::fixed(&[t[0].channels(), t[1].channels()]))
+            }
+            Op::SumBatch => {
+                expect_arity(t, 1)?;
+                Ok(TensorType::fixed(&t[0].dims))
+            }
+            Op::CropBackward { h, w } => {
+                expect_arity(t, 1)?;
+                Ok(TensorType::batched(&[*h, *w, t[0].channels()]))
+            }
+            Op::SoftmaxCrossEntropyBackward { .. } => {
+                expect_arity(t, 2)?;
+                Ok(t[0].clone())
+            }
+            Op::BnRunningUpdate { .. } => {
+                expect_arity(t, 2)?;
+                Ok(t[0].clone())
+            }
+            Op::SgdUpdate { .. } => {
+                expect_arity(t, 3)?;
+                if t[0] != t[1] || t[0] != t[2] {
+                    return Err(format!(
+                        "parameter {}, gradient {} and velocity {} differ",
+                        t[0], t[1], t[2]
+                    ));
+                }
+                Ok(t[0].clone())
+            }
+        }
+    }
+
+    /// Multiply-accumulates per image (convolutions and linear layers; everything
+    /// else is memory-bound and counted as zero, as FLOP counters usually do).
+    pub fn macs(&self, inputs: &[&TensorType], out: &TensorType) -> u64 {
+        let p = |t: &TensorType| t.per_item() as u64;
+        match self {
+            Op::Conv2d { k, .. } => p(out) * (k * k * inputs[0].channels()) as u64,
+            Op::ConvTranspose2d { k, .. } => p(inputs[0]) * (k * k * out.channels()) as u64,
+            Op::Linear => p(inputs[0]) * out.channels() as u64,
+            Op::Conv2dBackwardData { k, .. } => p(inputs[0]) * (k * k * out.channels()) as u64,
+            // A weight gradient costs what the forward op whose weight it is costs.
+            Op::Conv2dBackwardFilter { k, .. } => p(inputs[1]) * (k * k * out.dims[2]) as u64,
+            Op::ConvTranspose2dBackwardFilter { k, .. } => {
+                p(inputs[0]) * (k * k * out.dims[3]) as u64
+            }
+            Op::ConvTranspose2dBackwardData { k, .. } => {
+                p(out) * (k * k * inputs[0].channels()) as u64
+            }
+            Op::LinearBackwardData | Op::LinearBackwardWeight => {
+                (inputs[0].per_item() * inputs[1].per_item()) as u64
+            }
+            _ => 0,
+        }
+    }
+}
