@@ -1,0 +1,9 @@
+//! `ldnc-runtime`: executes compiled programs on the CPU, reads datasets, trains
+//! and evaluates networks, and writes checkpoints, metrics and plots.
+//!
+//! The library depends on `ldnc-ir` only; the `ldnc` binary in this package is the
+//! one place that also links the compiler passes and codegen.
+
+pub mod data;
+pub mod kernels;
+pub mod plot;

@@ -1,0 +1,1 @@
+//! Datasets: readers for the official files, augmentation and batching.

@@ -1,0 +1,1 @@
+//! Plots: training curves and the connection matrix.
