@@ -78,7 +78,12 @@ impl FeatureGraph {
                 .unwrap_or_default()
         };
 
-        let mut layer_inputs = templates::connections(&spec.template, depth, &block_ends);
+        let mut layer_inputs = match (&spec.task, &spec.template) {
+            (Task::Segmentation { .. }, Template::DenseNet) => {
+                templates::fc_densenet_connections(&spec.blocks)
+            }
+            _ => templates::connections(&spec.template, depth, &block_ends),
+        };
         let hubs = templates::hubs(&spec.template, depth, &block_ends);
         if let Task::Segmentation {
             first_block_skip: true,
@@ -141,8 +146,8 @@ impl FeatureGraph {
                 });
                 let older = compressed[b - 1].unwrap_or(layers[0]);
                 graph.add_edge(node, older, ());
-                for j in block_starts[b - 1]..=block_ends[b - 1] {
-                    graph.add_edge(node, layers[j], ());
+                for &layer in &layers[block_starts[b - 1]..=block_ends[b - 1]] {
+                    graph.add_edge(node, layer, ());
                 }
                 compressed[b] = Some(node);
             }

@@ -334,6 +334,13 @@ impl NetSpec {
                 item: item.clone(),
                 message,
             })?;
+            // Round-trip through `NetSpec` so that a replaced enum variant gets its
+            // defaulted fields, which a later `--set` may then name.
+            let spec: NetSpec = serde_json::from_value(root).map_err(|e| Error::Override {
+                item: item.clone(),
+                message: format!("the resulting spec is invalid: {e}"),
+            })?;
+            root = serde_json::to_value(&spec).expect("NetSpec always serialises to JSON");
         }
         serde_json::from_value(root).map_err(|e| Error::Override {
             item: overrides.join(" "),
@@ -405,7 +412,7 @@ impl NetSpec {
             }
         }
         if let Task::Segmentation { .. } = self.task {
-            if self.blocks.len() % 2 == 0 || self.blocks.len() < 3 {
+            if self.blocks.len() % 2 != 1 || self.blocks.len() < 3 {
                 return invalid(
                     "blocks",
                     format!(

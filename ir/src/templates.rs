@@ -45,6 +45,46 @@ pub fn connections(template: &Template, depth: usize, block_ends: &[usize]) -> V
     inputs
 }
 
+/// Inputs of every layer of FC-DenseNet (Jégou et al., "The One Hundred Layers
+/// Tiramisu") with the given blocks: a down path of `blocks.len() / 2` blocks,
+/// a bottleneck block and an up path of the same length.
+///
+/// Down-path and bottleneck layers read every earlier layer, because each block
+/// input is the transition of the concatenation of `x0` and all earlier layers.
+/// A layer of an up-path block at resolution level `d` reads the skip connection
+/// of level `d` (`x0` and every layer of down blocks `0 ..= d`), the layers of the
+/// previous block (upsampled by the transposed conv) and the earlier layers of
+/// its own block. Transitions count as part of the layers they transform.
+pub fn fc_densenet_connections(blocks: &[usize]) -> Vec<Vec<usize>> {
+    let depth: usize = blocks.iter().sum();
+    let down = blocks.len() / 2;
+    let mut starts = Vec::with_capacity(blocks.len());
+    let mut ends = Vec::with_capacity(blocks.len());
+    let mut end = 0;
+    for &n in blocks {
+        starts.push(end + 1);
+        end += n;
+        ends.push(end);
+    }
+
+    let mut inputs = vec![Vec::new(); depth + 1];
+    for (block, (&start, &end)) in starts.iter().zip(&ends).enumerate() {
+        for (i, slot) in inputs.iter_mut().enumerate().take(end + 1).skip(start) {
+            let mut list: Vec<usize> = if block <= down {
+                (0..i).collect()
+            } else {
+                let level = blocks.len() - 1 - block;
+                let mut list: Vec<usize> = (0..=ends[level]).collect();
+                list.extend(starts[block - 1]..i);
+                list
+            };
+            sort_nearest_first(&mut list);
+            *slot = list;
+        }
+    }
+    inputs
+}
+
 /// Layers that get the hub channel multiplier: the keys of the top-level
 /// `lglg_conn(0, L)` call (empty for every other template).
 pub fn hubs(template: &Template, depth: usize, block_ends: &[usize]) -> Vec<usize> {
@@ -173,8 +213,8 @@ fn lglg_conn(
     }
     // (b) every layer of a segment reads the key that starts it.
     for pair in keys.windows(2) {
-        for j in pair[0] + 1..=pair[1] {
-            sets[j].insert(pair[0]);
+        for set in &mut sets[pair[0] + 1..=pair[1]] {
+            set.insert(pair[0]);
         }
     }
     // (c) recurse into every segment.
@@ -240,6 +280,21 @@ mod tests {
         let code = nearest_half_and_log(16, HalfAndLogChain::AuthorsCode);
         // floor(16/2)=8 is recent; then 3, 1, 0.
         assert_eq!(code, vec![0, 1, 3, 8, 9, 10, 11, 12, 13, 14, 15]);
+    }
+
+    #[test]
+    fn fc_densenet_up_path_reads_skip_and_previous_block() {
+        // Blocks [2, 1, 2]: down x1 x2, bottleneck x3, up x4 x5 at level 0.
+        let inputs = fc_densenet_connections(&[2, 1, 2]);
+        assert_eq!(inputs[2], vec![1, 0]);
+        assert_eq!(inputs[3], vec![2, 1, 0]);
+        assert_eq!(inputs[4], vec![3, 2, 1, 0]);
+        assert_eq!(inputs[5], vec![4, 3, 2, 1, 0]);
+        // Blocks [1, 1, 1, 1, 1]: x4 (level 1) reads the level-1 skip x0..x2 and x3;
+        // x5 (level 0) reads the level-0 skip x0, x1 and the previous block x4.
+        let inputs = fc_densenet_connections(&[1, 1, 1, 1, 1]);
+        assert_eq!(inputs[4], vec![3, 2, 1, 0]);
+        assert_eq!(inputs[5], vec![4, 1, 0]);
     }
 
     #[test]
