@@ -1,1 +1,3 @@
-//! placeholder
+//! `ldnc-codegen`: lowering of scheduled graphs to executable programs.
+
+pub mod cpu;

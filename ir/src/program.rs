@@ -146,3 +146,14 @@ impl Program {
         Ok(())
     }
 }
+
+/// The order of a graph's nodes and where each value is stored: what the scheduler
+/// and memory planner hand to codegen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Nodes in execution order (leaves included; they generate no step).
+    pub order: Vec<crate::graph::ValueId>,
+    /// Storage of every node, indexed by node index.
+    pub storage: Vec<Storage>,
+    pub buffers: Vec<Buffer>,
+}

@@ -1,1 +1,21 @@
-//! placeholder
+//! `ldnc-passes`: the compiler passes between the forward IR and a program.
+//!
+//! `autodiff` builds the training graph (forward, backward and optimizer updates)
+//! from a network expanded in training mode; `memory` assigns values to shared
+//! buffers by liveness.
+
+pub mod autodiff;
+pub mod memory;
+
+/// Errors of the compiler passes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Ir(#[from] ldnc_ir::Error),
+    #[error("autodiff failed at {node}: {message}")]
+    Autodiff { node: String, message: String },
+    #[error("parameter {param} does not influence the loss, so it would never train")]
+    NoGradient { param: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

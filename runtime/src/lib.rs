@@ -4,6 +4,12 @@
 //! The library depends on `ldnc-ir` only; the `ldnc` binary in this package is the
 //! one place that also links the compiler passes and codegen.
 
+pub mod checkpoint;
 pub mod data;
+pub mod exec;
 pub mod kernels;
+pub mod metrics;
+pub mod optim;
 pub mod plot;
+pub mod store;
+pub mod train;

@@ -1,0 +1,243 @@
+//! `ldnc train` and `ldnc eval`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use ldnc_ir::spec::{LrSchedule, NetSpec};
+use ldnc_runtime::checkpoint;
+use ldnc_runtime::data::{self, DataSpec};
+use ldnc_runtime::kernels::KernelSet;
+use ldnc_runtime::train::{self, Position, RunFiles, Session, TrainConfig};
+
+use super::compile::{compile, CompileOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kernels {
+    /// Plain loops (slow; the oracle for the fast set).
+    Reference,
+    /// GEMM and rayon.
+    Fast,
+}
+
+impl From<Kernels> for KernelSet {
+    fn from(k: Kernels) -> KernelSet {
+        match k {
+            Kernels::Reference => KernelSet::Reference,
+            Kernels::Fast => KernelSet::Fast,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Schedule {
+    Step,
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Network file (RON).
+    pub net: PathBuf,
+    /// Dataset, e.g. `fashion-mnist` (the bundled subset) or `cifar10:DIR`.
+    #[arg(long)]
+    pub data: String,
+    /// Override a field of the network file, e.g. `--set growth=16`.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    pub set: Vec<String>,
+    /// Epochs (default: the network file's `train.epochs`).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Batch size (default: `train.batch`).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Initial learning rate (default: `train.lr`).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning-rate schedule (default: `train.schedule`).
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
+    /// Folder for checkpoints, metrics and plots.
+    #[arg(long, default_value = "runs/latest")]
+    pub out: PathBuf,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Seed for weights, data order, augmentation and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CPU kernel set.
+    #[arg(long, value_enum, default_value = "fast")]
+    pub kernels: Kernels,
+    /// Give every value its own buffer instead of sharing buffers by liveness.
+    #[arg(long)]
+    pub no_plan: bool,
+    /// Stop after this many optimizer steps in total.
+    #[arg(long, hide = true)]
+    pub max_steps: Option<u64>,
+}
+
+pub fn run_train(args: &TrainArgs, quiet: bool) -> Result<()> {
+    let (spec, config, start, out) = match &args.resume {
+        Some(dir) => resume_settings(args, dir)?,
+        None => {
+            let spec = super::load_spec(&args.net, &args.set)?;
+            let config = config_from(&spec, args, quiet);
+            (spec, config, Position::default(), args.out.clone())
+        }
+    };
+    let data_spec = DataSpec::parse(&args.data).context("invalid --data")?;
+    let dataset = data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
+    let compiled = compile(
+        &spec,
+        CompileOptions {
+            plan_memory: !args.no_plan,
+        },
+    )?;
+    let mut session = Session::new(compiled, config.batch, args.kernels.into(), config.seed)?;
+    let files = RunFiles { dir: out.clone() };
+    if args.resume.is_some() {
+        let path = files.checkpoint();
+        let (tensors, _) = checkpoint::load(&path)?;
+        checkpoint::restore(&path, &mut session.store, tensors)?;
+    } else if files.checkpoint().exists() {
+        bail!(
+            "{} already holds a run; pass --resume {} to continue it, or choose another --out",
+            out.display(),
+            out.display()
+        );
+    }
+    if !quiet {
+        println!(
+            "training {} on {} ({} train / {} test images), {} parameters, output in {}",
+            spec.name,
+            dataset.name,
+            dataset.train.len,
+            dataset.test.len,
+            session.store.param_count(),
+            out.display()
+        );
+    }
+    let history = train::train(&mut session, &dataset, &config, &files, start)?;
+    if let Some(last) = history.last() {
+        println!(
+            "final test accuracy {:.2}% (error {:.2}%) after {} epochs; checkpoint {}",
+            100.0 * last.test_accuracy,
+            100.0 * last.test_error,
+            last.epoch,
+            files.checkpoint().display()
+        );
+    }
+    Ok(())
+}
+
+fn config_from(spec: &NetSpec, args: &TrainArgs, quiet: bool) -> TrainConfig {
+    TrainConfig {
+        epochs: args.epochs.unwrap_or(spec.train.epochs),
+        batch: args.batch.unwrap_or(spec.train.batch),
+        lr: args.lr.unwrap_or(spec.train.lr),
+        schedule: match args.schedule {
+            Some(Schedule::Step) => LrSchedule::Step,
+            Some(Schedule::Cosine) => LrSchedule::Cosine,
+            Some(Schedule::Constant) => LrSchedule::Constant,
+            None => spec.train.schedule,
+        },
+        seed: args.seed,
+        crop_padding: spec.train.crop_padding,
+        flip: spec.train.flip,
+        max_steps: args.max_steps,
+        show_progress: !quiet,
+    }
+}
+
+/// Spec, configuration and position stored in a run folder's checkpoint.
+fn resume_settings(
+    args: &TrainArgs,
+    dir: &std::path::Path,
+) -> Result<(NetSpec, TrainConfig, Position, PathBuf)> {
+    let path = RunFiles { dir: dir.to_path_buf() }.checkpoint();
+    let (_, meta) = checkpoint::load(&path)
+        .with_context(|| format!("cannot resume from {}", dir.display()))?;
+    let spec: NetSpec = serde_json::from_str(&meta.spec_json)
+        .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
+    let file_spec = super::load_spec(&args.net, &args.set)?;
+    if file_spec.with_overrides(&[])? != spec {
+        bail!(
+            "{} was trained with a different network than {}; resume with the same file and \
+             --set flags",
+            path.display(),
+            args.net.display()
+        );
+    }
+    let mut config: TrainConfig = serde_json::from_str(&meta.config_json)
+        .with_context(|| format!("the configuration stored in {} is unreadable", path.display()))?;
+    if let Some(epochs) = args.epochs {
+        config.epochs = epochs;
+    }
+    config.max_steps = args.max_steps;
+    let start = Position {
+        epoch: meta.epoch,
+        step: meta.step,
+    };
+    Ok((spec, config, start, dir.to_path_buf()))
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A checkpoint written by `ldnc train` (a file, or the run folder).
+    pub checkpoint: PathBuf,
+    /// Dataset to evaluate on (its test split).
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    #[arg(long, value_enum, default_value = "fast")]
+    pub kernels: Kernels,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_eval(args: &EvalArgs) -> Result<()> {
+    let path = if args.checkpoint.is_dir() {
+        RunFiles { dir: args.checkpoint.clone() }.checkpoint()
+    } else {
+        args.checkpoint.clone()
+    };
+    let (tensors, meta) = checkpoint::load(&path)?;
+    let spec: NetSpec = serde_json::from_str(&meta.spec_json)
+        .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
+    let data_spec = DataSpec::parse(&args.data).context("invalid --data")?;
+    let dataset = data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
+    let compiled = compile(&spec, CompileOptions::default())?;
+    let mut session = Session::new(compiled, args.batch, args.kernels.into(), 0)?;
+    checkpoint::restore(&path, &mut session.store, tensors)?;
+    let (loss, confusion) = session.evaluate(&dataset.test, &dataset, args.batch)?;
+    let result = serde_json::json!({
+        "checkpoint": path.display().to_string(),
+        "network": spec.name,
+        "dataset": dataset.name,
+        "images": confusion.total(),
+        "loss": loss,
+        "top1_accuracy": confusion.accuracy(),
+        "top1_error": 1.0 - confusion.accuracy(),
+        "top5_accuracy": confusion.top5_accuracy(),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        println!(
+            "{} on {} test split: {} images, loss {:.4}, top-1 accuracy {:.2}% (error {:.2}%), \
+             top-5 accuracy {:.2}%",
+            spec.name,
+            dataset.name,
+            confusion.total(),
+            loss,
+            100.0 * confusion.accuracy(),
+            100.0 * (1.0 - confusion.accuracy()),
+            100.0 * confusion.top5_accuracy()
+        );
+    }
+    Ok(())
+}
