@@ -6,7 +6,9 @@
 //! contiguous f32 in NHWC order; conv weights are `[k, k, cin, cout]`; labels are
 //! class indices stored as f32.
 
+mod dispatch;
 pub mod fast;
+mod layout;
 pub mod reference;
 
 use ldnc_ir::{Op, TensorType};
