@@ -109,6 +109,25 @@ pub enum Op {
         class_weights: Option<Vec<f32>>,
     },
 
+    // ---- fused ops (introduced by the fusion pass)
+    /// Concatenation of `[2, C_i]` batch statistics along channels: the statistics
+    /// of a concatenation are the concatenated statistics of its parts.
+    ConcatStats,
+    /// `conv(relu(bn(concat(x_1 .. x_m))))` with operands
+    /// `(x_1, .., x_m, stats, affine, w)`: reads every input from its own buffer and
+    /// normalises and rectifies while loading, so the concatenation and the BN and
+    /// ReLU outputs never exist.
+    BnReluConv { k: usize, stride: usize, pad: usize, eps: f32 },
+    /// Weight gradient of `BnReluConv`, operands `(x_1, .., x_m, stats, affine, dy)`;
+    /// recomputes the normalised, rectified input instead of reading a stored copy.
+    BnReluConvBackwardFilter { k: usize, stride: usize, pad: usize, eps: f32 },
+    /// Gradient of `relu(bn(concat(x)))` with respect to the concatenation, operands
+    /// `(x_1, .., x_m, stats, affine, dz)` where `dz` is the gradient of the ReLU output.
+    BnReluBackward { eps: f32 },
+    /// Gradient of the batch-norm affine parameters inside `relu(bn(concat(x)))`,
+    /// operands `(x_1, .., x_m, stats, affine, dz)`.
+    BnReluAffineGrad { eps: f32 },
+
     // ---- side effects
     /// `running = (1 - m) * running + m * batch`, with the unbiased variance;
     /// operands `(state, stats)`. `per_item` is the number of elements averaged per
@@ -137,6 +156,31 @@ fn expect_rank(t: &TensorType, rank: usize, what: &str) -> Result<(), String> {
     } else {
         Err(format!("{what} must have rank {rank}, got {t}"))
     }
+}
+
+/// Checks the operands of a fused BN-ReLU op: `m >= 1` activations of one spatial
+/// size followed by `[2, C]` statistics, `[2, C]` affine parameters and `trailing - 2`
+/// more operands. Returns `(h, w, C)` with `C` the total channels.
+fn fused_inputs(t: &[&TensorType], trailing: usize) -> Result<(usize, usize, usize), String> {
+    if t.len() < trailing + 1 {
+        return Err(format!("expected at least {} operands, got {}", trailing + 1, t.len()));
+    }
+    let xs = &t[..t.len() - trailing];
+    let mut c = 0;
+    for x in xs {
+        expect_rank(x, 3, "input")?;
+        if !x.batched || x.dims[..2] != xs[0].dims[..2] {
+            return Err(format!("inputs differ in spatial size: {} and {}", xs[0], x));
+        }
+        c += x.dims[2];
+    }
+    for (i, what) in [(0, "statistics"), (1, "affine")] {
+        let ty = t[xs.len() + i];
+        if ty.dims != [2, c] {
+            return Err(format!("{what} {ty} must be [2, {c}]"));
+        }
+    }
+    Ok((xs[0].dims[0], xs[0].dims[1], c))
 }
 
 fn spatial(
@@ -194,6 +238,11 @@ impl Op {
             Op::SumBatch => "sum_batch",
             Op::CropBackward { .. } => "crop_backward",
             Op::SoftmaxCrossEntropyBackward { .. } => "softmax_cross_entropy_backward",
+            Op::ConcatStats => "concat_stats",
+            Op::BnReluConv { .. } => "bn_relu_conv",
+            Op::BnReluConvBackwardFilter { .. } => "bn_relu_conv_backward_filter",
+            Op::BnReluBackward { .. } => "bn_relu_backward",
+            Op::BnReluAffineGrad { .. } => "bn_relu_affine_grad",
             Op::BnRunningUpdate { .. } => "bn_running_update",
             Op::SgdUpdate { .. } => "sgd_update",
         }
@@ -417,6 +466,40 @@ impl Op {
                 expect_arity(t, 2)?;
                 Ok(t[0].clone())
             }
+            Op::ConcatStats => {
+                let mut c = 0;
+                for x in t {
+                    if x.batched || x.dims.len() != 2 || x.dims[0] != 2 {
+                        return Err(format!("statistics must be [2, C], got {x}"));
+                    }
+                    c += x.dims[1];
+                }
+                Ok(TensorType::fixed(&[2, c]))
+            }
+            Op::BnReluConv { k, stride, pad, .. } => {
+                let (h, w, c) = fused_inputs(t, 3)?;
+                let wd = &t[t.len() - 1].dims;
+                if wd.len() != 4 || wd[0] != *k || wd[1] != *k || wd[2] != c {
+                    return Err(format!(
+                        "weight {} does not match a {k}x{k} conv over {c} channels",
+                        t[t.len() - 1]
+                    ));
+                }
+                let (ho, wo) = spatial(h, w, *k, *stride, *pad)?;
+                Ok(TensorType::batched(&[ho, wo, wd[3]]))
+            }
+            Op::BnReluConvBackwardFilter { k, .. } => {
+                let (_, _, c) = fused_inputs(t, 3)?;
+                Ok(TensorType::fixed(&[*k, *k, c, t[t.len() - 1].channels()]))
+            }
+            Op::BnReluBackward { .. } => {
+                let (h, w, c) = fused_inputs(t, 3)?;
+                Ok(TensorType::batched(&[h, w, c]))
+            }
+            Op::BnReluAffineGrad { .. } => {
+                let (_, _, c) = fused_inputs(t, 3)?;
+                Ok(TensorType::fixed(&[2, c]))
+            }
             Op::BnRunningUpdate { .. } => {
                 expect_arity(t, 2)?;
                 Ok(t[0].clone())
@@ -440,6 +523,13 @@ impl Op {
         let p = |t: &TensorType| t.per_item() as u64;
         match self {
             Op::Conv2d { k, .. } => p(out) * (k * k * inputs[0].channels()) as u64,
+            Op::BnReluConv { k, .. } => {
+                let wd = &inputs[inputs.len() - 1].dims;
+                p(out) * (k * k * wd[2]) as u64
+            }
+            Op::BnReluConvBackwardFilter { .. } => {
+                p(inputs[inputs.len() - 1]) * (out.dims[0] * out.dims[1] * out.dims[2]) as u64
+            }
             Op::ConvTranspose2d { k, .. } => p(inputs[0]) * (k * k * out.channels()) as u64,
             Op::Linear => p(inputs[0]) * out.channels() as u64,
             Op::Conv2dBackwardData { k, .. } => p(inputs[0]) * (k * k * out.channels()) as u64,

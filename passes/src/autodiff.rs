@@ -126,7 +126,7 @@ fn needs_gradient(g: &Graph) -> Vec<bool> {
         let op = &g.node(id).op;
         needs[id.index()] = match op {
             Op::Param { .. } => true,
-            Op::DropoutMask { .. } | Op::BnStats => false,
+            Op::DropoutMask { .. } | Op::BnStats | Op::ConcatStats => false,
             _ if op.role() != Role::Compute => false,
             _ => g.inputs(id).iter().any(|v| needs[v.index()]),
         };
@@ -208,7 +208,7 @@ fn vjp(g: &mut Graph, id: ValueId, dy: ValueId) -> Result<Vec<(ValueId, ValueId)
         // y = gamma * (x - mean) / sqrt(var + eps) + beta with batch statistics:
         // BnBackward differentiates through the statistics, so they get no gradient.
         Op::BnApply { eps } => {
-            if g.node(ins[1]).op != Op::BnStats {
+            if !matches!(g.node(ins[1]).op, Op::BnStats | Op::ConcatStats) {
                 return Err(Error::Autodiff {
                     node: name,
                     message: "batch norm with fixed statistics cannot be trained".into(),
@@ -217,6 +217,42 @@ fn vjp(g: &mut Graph, id: ValueId, dy: ValueId) -> Result<Vec<(ValueId, ValueId)
             let dx = add(g, Op::BnBackward { eps }, &[ins[0], ins[1], ins[2], dy], "dx")?;
             let da = add(g, Op::BnAffineGrad { eps }, &[ins[0], ins[1], dy], "daffine")?;
             vec![(ins[0], dx), (ins[2], da)]
+        }
+        // y = conv(z, w) with z = relu(bn(concat(x))): dz = conv^T(dy, w), then the
+        // BN-ReLU backward on the recomputed z gives d concat(x), sliced per input;
+        // dw and the affine gradient also recompute z from the inputs.
+        Op::BnReluConv { k, stride, pad, eps } => {
+            let m = ins.len() - 3;
+            let (xs, stats, affine, w) = (&ins[..m], ins[m], ins[m + 1], ins[m + 2]);
+            let (in_h, in_w) = in_hw(g, xs[0]);
+            let dz_op = Op::Conv2dBackwardData {
+                k,
+                stride,
+                pad,
+                in_h,
+                in_w,
+            };
+            let dz = add(g, dz_op, &[dy, w], "dz")?;
+            let mut fused: Vec<ValueId> = xs.to_vec();
+            fused.extend([stats, affine, dy]);
+            let dw_op = Op::BnReluConvBackwardFilter { k, stride, pad, eps };
+            let dw = add(g, dw_op, &fused, "dw")?;
+            *fused.last_mut().expect("operands end with the gradient") = dz;
+            let dconcat = add(g, Op::BnReluBackward { eps }, &fused, "dx")?;
+            let daffine = add(g, Op::BnReluAffineGrad { eps }, &fused, "daffine")?;
+            let mut pairs = vec![(w, dw), (affine, daffine)];
+            if m == 1 {
+                pairs.push((xs[0], dconcat));
+            } else {
+                let mut start = 0;
+                for (pos, &x) in xs.iter().enumerate() {
+                    let len = g.node(x).ty.channels();
+                    let dx = add(g, Op::Slice { start, len }, &[dconcat], &format!("d{pos}"))?;
+                    pairs.push((x, dx));
+                    start += len;
+                }
+            }
+            pairs
         }
         // dx = dy * [x > 0].
         Op::Relu => vec![(ins[0], add(g, Op::ReluBackward, &[ins[0], dy], "dx")?)],
