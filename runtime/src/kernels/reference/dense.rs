@@ -52,9 +52,10 @@ pub fn linear_backward_weight(x: &[f32], dy: &[f32], c: usize, k: usize, dw: &mu
     }
 }
 
-/// Class weighting and ignore label of a softmax cross-entropy.
+/// Class count, class weighting and ignore label of a softmax cross-entropy.
 #[derive(Debug, Clone, Copy)]
 pub struct LossSpec<'a> {
+    pub classes: usize,
     pub ignore: Option<u32>,
     pub class_weights: Option<&'a [f32]>,
 }
@@ -79,6 +80,41 @@ pub fn softmax_row(logits: &[f32], probs: &mut [f64]) -> f64 {
     max + total.ln()
 }
 
+/// `(sum_i cw[y_i] * nll_i, sum_i cw[y_i])` over the labelled rows of a chunk
+/// whose first row is row `first` of the batch (for error messages), with
+/// `nll_i = logsumexp(z_i) - z_i[y_i]`.
+pub fn weighted_nll(
+    op: &Op,
+    logits: &[f32],
+    labels: &[f32],
+    spec: LossSpec,
+    first: usize,
+) -> Result<(f64, f64), KernelError> {
+    let k = spec.classes;
+    let mut probs = vec![0f64; k];
+    let (mut nll, mut total_weight) = (0f64, 0f64);
+    for (row, &label) in labels.iter().enumerate() {
+        let Some(class) = class_index(op, label, first + row, k, spec.ignore)? else {
+            continue;
+        };
+        let z = &logits[row * k..(row + 1) * k];
+        let lse = softmax_row(z, &mut probs);
+        nll += spec.weight(class) * (lse - z[class] as f64);
+        total_weight += spec.weight(class);
+    }
+    Ok((nll, total_weight))
+}
+
+/// Turns the sums of [`weighted_nll`] into the loss, which is 0 when no
+/// labelled row has weight.
+pub fn loss_from_sums((nll, total_weight): (f64, f64)) -> f32 {
+    if total_weight == 0.0 {
+        0.0
+    } else {
+        (nll / total_weight) as f32
+    }
+}
+
 /// `loss = sum_i cw[y_i] * (logsumexp(z_i) - z_i[y_i]) / sum_i cw[y_i]` over
 /// the rows whose label is not the ignore label, and 0 when no row counts.
 pub fn softmax_cross_entropy(
@@ -87,27 +123,56 @@ pub fn softmax_cross_entropy(
     labels: &[f32],
     spec: LossSpec,
 ) -> Result<f32, KernelError> {
-    let k = logits.len() / labels.len().max(1);
-    let mut probs = vec![0f64; k];
-    let (mut weighted_nll, mut total_weight) = (0f64, 0f64);
-    for (row, (z, &label)) in logits.chunks_exact(k.max(1)).zip(labels).enumerate() {
-        let Some(class) = class_index(op, label, row, k, spec.ignore)? else {
-            continue;
-        };
-        let lse = softmax_row(z, &mut probs);
-        weighted_nll += spec.weight(class) * (lse - z[class] as f64);
-        total_weight += spec.weight(class);
+    weighted_nll(op, logits, labels, spec, 0).map(loss_from_sums)
+}
+
+/// `sum_i cw[y_i]` over the labelled rows of a chunk starting at row `first`.
+pub fn label_weight(
+    op: &Op,
+    labels: &[f32],
+    spec: LossSpec,
+    first: usize,
+) -> Result<f64, KernelError> {
+    let mut total = 0f64;
+    for (row, &label) in labels.iter().enumerate() {
+        if let Some(class) = class_index(op, label, first + row, spec.classes, spec.ignore)? {
+            total += spec.weight(class);
+        }
     }
-    Ok(if total_weight == 0.0 {
-        0.0
-    } else {
-        (weighted_nll / total_weight) as f32
-    })
+    Ok(total)
+}
+
+/// Writes `scale * cw[y_i] * (softmax(z_i) - onehot(y_i))` for every row of a
+/// chunk, and 0 for ignored rows. The labels must have passed [`label_weight`].
+pub fn fill_loss_grad(
+    logits: &[f32],
+    labels: &[f32],
+    spec: LossSpec,
+    scale: f64,
+    grad: &mut [f32],
+) {
+    let k = spec.classes;
+    let mut probs = vec![0f64; k];
+    for (row, &label) in labels.iter().enumerate() {
+        let g = &mut grad[row * k..(row + 1) * k];
+        let ignored = spec.ignore.is_some_and(|i| label == i as f32);
+        if ignored || scale == 0.0 {
+            g.fill(0.0);
+            continue;
+        }
+        let class = label as usize;
+        softmax_row(&logits[row * k..(row + 1) * k], &mut probs);
+        let row_scale = scale * spec.weight(class);
+        for (j, (gj, p)) in g.iter_mut().zip(&probs).enumerate() {
+            let onehot = if j == class { 1.0 } else { 0.0 };
+            *gj = (row_scale * (p - onehot)) as f32;
+        }
+    }
 }
 
 /// `weight * d(loss)/d(logits)` for [`softmax_cross_entropy`]: row `i` gets
 /// `weight * cw[y_i] * (softmax(z_i) - onehot(y_i)) / sum_j cw[y_j]`, and
-/// ignored rows get 0.
+/// ignored rows get 0 (all rows get 0 when the weights sum to 0).
 pub fn softmax_cross_entropy_backward(
     op: &Op,
     logits: &[f32],
@@ -116,32 +181,13 @@ pub fn softmax_cross_entropy_backward(
     weight: f32,
     grad: &mut [f32],
 ) -> Result<(), KernelError> {
-    let k = logits.len() / labels.len().max(1);
-    let mut classes = Vec::with_capacity(labels.len());
-    let mut total_weight = 0f64;
-    for (row, &label) in labels.iter().enumerate() {
-        let class = class_index(op, label, row, k, spec.ignore)?;
-        total_weight += class.map_or(0.0, |c| spec.weight(c));
-        classes.push(class);
-    }
-
-    let mut probs = vec![0f64; k];
-    for ((z, g), class) in logits
-        .chunks_exact(k.max(1))
-        .zip(grad.chunks_exact_mut(k.max(1)))
-        .zip(classes)
-    {
-        let Some(class) = class.filter(|_| total_weight != 0.0) else {
-            g.fill(0.0);
-            continue;
-        };
-        softmax_row(z, &mut probs);
-        let scale = weight as f64 * spec.weight(class) / total_weight;
-        for (j, (gj, p)) in g.iter_mut().zip(&probs).enumerate() {
-            let onehot = if j == class { 1.0 } else { 0.0 };
-            *gj = (scale * (p - onehot)) as f32;
-        }
-    }
+    let total_weight = label_weight(op, labels, spec, 0)?;
+    let scale = if total_weight == 0.0 {
+        0.0
+    } else {
+        weight as f64 / total_weight
+    };
+    fill_loss_grad(logits, labels, spec, scale, grad);
     Ok(())
 }
 
@@ -182,6 +228,7 @@ mod tests {
     fn cross_entropy_uniform_logits() {
         // Equal logits over 4 classes give log 4 whatever the label.
         let spec = LossSpec {
+            classes: 4,
             ignore: None,
             class_weights: None,
         };
@@ -193,6 +240,7 @@ mod tests {
     #[test]
     fn cross_entropy_stable_for_large_logits() {
         let spec = LossSpec {
+            classes: 2,
             ignore: None,
             class_weights: None,
         };
@@ -205,6 +253,7 @@ mod tests {
     fn cross_entropy_weights_and_ignore() {
         // Row 0: label 0 with weight 3; row 1 ignored; row 2: label 1 with weight 1.
         let spec = LossSpec {
+            classes: 2,
             ignore: Some(9),
             class_weights: Some(&[3.0, 1.0]),
         };
@@ -222,6 +271,7 @@ mod tests {
     #[test]
     fn cross_entropy_all_ignored_is_zero() {
         let spec = LossSpec {
+            classes: 2,
             ignore: Some(0),
             class_weights: None,
         };
@@ -236,6 +286,7 @@ mod tests {
     #[test]
     fn cross_entropy_rejects_bad_label() {
         let spec = LossSpec {
+            classes: 2,
             ignore: None,
             class_weights: None,
         };
