@@ -108,6 +108,23 @@ pub(crate) fn splitmix(value: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Applies `augment` to one HWC image without labels, drawing from `rng`.
+pub fn augment_image(
+    augment: &Augment,
+    image: &[u8],
+    height: usize,
+    width: usize,
+    channels: usize,
+    rng: &mut SmallRng,
+) -> AugmentedSample {
+    let shape = Shape {
+        height,
+        width,
+        channels,
+    };
+    apply(augment, image, None, shape, rng)
+}
+
 /// The geometry of one image.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Shape {

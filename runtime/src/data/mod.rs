@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-pub use augment::{sample_rng, Augment, AugmentedSample};
+pub use augment::{augment_image, sample_rng, Augment, AugmentedSample};
 pub use batch::{epoch_order, Batch, BatchConfig, Batcher, Normalization};
 pub use camvid::{load_camvid, median_frequency_weights, CAMVID_CLASSES, CAMVID_VOID};
 pub use cifar::{load_cifar10, load_cifar100, CIFAR10_CLASSES};
