@@ -10,10 +10,10 @@
 //! convolution without padding skips im2col, because the image already is
 //! that matrix.
 //!
-//! Work is split over rayon tasks by blocks of small-side pixels (gather), by
-//! images (scatter, which writes each image from one task), or by equal
-//! shares of the blocks with one partial weight gradient each (filter
-//! gradients), so results do not depend on scheduling.
+//! Work is split over rayon tasks by blocks of small-side pixels (gather) or
+//! by images (scatter, so that one task writes each image). Filter gradients
+//! give each thread an equal share of the blocks and one partial sum, so
+//! their rounding depends on the thread count but not on scheduling.
 
 use super::matmul::{matmul, Mat};
 use crate::kernels::layout::{ConvShape, Window};
@@ -311,7 +311,7 @@ mod tests {
 
     #[test]
     fn conv2d_backward_filter_correlates() {
-        // 3x3 kernel, padding 1 over a 1x1 image: only the centre tap sees x.
+        // 3x3 kernel, padding 1 over a 1x1 image: only the centre tap reads x.
         let s = shape((1, 1), (1, 1), (3, 1, 1), (1, 1));
         let mut dw = [9.0; 9];
         conv2d_backward_filter(&s, &[2.0], &[5.0], &mut dw);

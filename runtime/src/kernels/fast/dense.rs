@@ -47,7 +47,7 @@ pub fn linear_backward_weight(x: &[f32], dy: &[f32], c: usize, k: usize, dw: &mu
     );
 }
 
-/// The loss of the reference set, with the per-block sums in parallel.
+/// Computes the loss of the reference set, with the per-block sums in parallel.
 pub fn softmax_cross_entropy(
     op: &Op,
     logits: &[f32],
@@ -67,8 +67,8 @@ pub fn softmax_cross_entropy(
     Ok(reference::loss_from_sums(sums))
 }
 
-/// The loss gradient of the reference set, with the label weights summed and
-/// the gradient rows written in parallel.
+/// Computes the loss gradient of the reference set, with the label weights
+/// summed and the gradient rows written in parallel.
 pub fn softmax_cross_entropy_backward(
     op: &Op,
     logits: &[f32],

@@ -3,7 +3,7 @@
 //!
 //! The views check their strides against their slices when built, and
 //! [`matmul`] checks that the shapes agree, so the one `unsafe` call below only
-//! ever sees in-bounds pointers.
+//! ever receives in-bounds pointers.
 
 use gemm::Parallelism;
 
@@ -19,7 +19,7 @@ pub struct Mat<'a> {
 }
 
 impl<'a> Mat<'a> {
-    /// A row-major view of the first `rows * cols` elements of `data`.
+    /// Creates a row-major view of the first `rows * cols` elements of `data`.
     ///
     /// # Panics
     ///
@@ -40,7 +40,7 @@ impl<'a> Mat<'a> {
         }
     }
 
-    /// The transposed view of the same data.
+    /// Returns the transposed view of the same data.
     pub fn t(self) -> Mat<'a> {
         Mat {
             rows: self.cols,
@@ -88,8 +88,8 @@ pub fn matmul(dst: &mut [f32], lhs: Mat, rhs: Mat, accumulate: bool, parallel: b
         Parallelism::None
     };
 
-    // SAFETY: `dst` holds exactly m * n elements at row stride n and column
-    // stride 1. `Mat::new` checked that its slice holds `rows * cols` row-major
+    // SAFETY: `dst` contains exactly m * n elements at row stride n and column
+    // stride 1. `Mat::new` checked that its slice contains `rows * cols` row-major
     // elements, and `t` only swaps the strides, so every (r, c) with r < rows
     // and c < cols of `lhs` and `rhs` is in bounds. `dst` is a unique borrow,
     // so it aliases neither operand. `gemm` reads `dst` only when `read_dst` is

@@ -35,7 +35,7 @@ fn image_sizes(shape: &PoolShape) -> (usize, usize) {
     )
 }
 
-/// Average over the in-bounds taps.
+/// Averages over the in-bounds taps.
 pub fn avg_pool(shape: &PoolShape, x: &[f32], y: &mut [f32]) {
     let (win, c) = (&shape.win, shape.c);
     let (big, small) = image_sizes(shape);
@@ -103,7 +103,7 @@ fn window_argmax(
     }
 }
 
-/// Maximum over the in-bounds taps.
+/// Takes the maximum over the in-bounds taps.
 pub fn max_pool(shape: &PoolShape, x: &[f32], y: &mut [f32]) {
     let (win, c) = (&shape.win, shape.c);
     let (big, small) = image_sizes(shape);
@@ -141,7 +141,7 @@ pub fn max_pool_backward(shape: &PoolShape, x: &[f32], dy: &[f32], dx: &mut [f32
         });
 }
 
-/// Mean over pixels, one rayon task per image running the reference loop.
+/// Averages over pixels, with one rayon task per image running the reference loop.
 pub fn global_avg_pool(x: &[f32], c: usize, y: &mut [f32]) {
     let per_image = x.len() / (y.len() / c.max(1)).max(1);
     y.par_chunks_mut(c.max(1))
@@ -149,7 +149,7 @@ pub fn global_avg_pool(x: &[f32], c: usize, y: &mut [f32]) {
         .for_each(|(out, image)| reference::global_avg_pool(image, c, out));
 }
 
-/// Broadcast of `dy / pixels`, one rayon task per image.
+/// Broadcasts `dy / pixels`, with one rayon task per image.
 pub fn global_avg_pool_backward(dy: &[f32], c: usize, dx: &mut [f32]) {
     let per_image = dx.len() / (dy.len() / c.max(1)).max(1);
     dx.par_chunks_mut(per_image.max(1))

@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn bn_stats_biased_variance() {
-        // Channel 0 holds 1, 3 (mean 2, variance 1); channel 1 holds 10, 10.
+        // Channel 0 contains 1 and 3 (mean 2, variance 1), channel 1 contains 10 twice.
         let mut stats = [0.0; 4];
         bn_stats(&[1.0, 10.0, 3.0, 10.0], 2, &mut stats);
         assert_eq!(stats, [2.0, 10.0, 1.0, 0.0]);

@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn avg_pool_excludes_padding() {
-        // 3x3 window, padding 1 over 2x2: every window holds all 4 pixels.
+        // A 3x3 window with padding 1 over 2x2 contains all 4 pixels at every position.
         let s = shape((2, 2), (2, 2), (3, 1, 1));
         let mut y = [0.0; 4];
         avg_pool(&s, &[1.0, 2.0, 3.0, 6.0], &mut y);
@@ -156,11 +156,11 @@ mod tests {
 
     #[test]
     fn max_pool_ignores_padding_and_picks_first_tie() {
-        // All inputs negative: a padded zero must not win.
         let s = shape((2, 2), (1, 1), (2, 2, 0));
         let mut y = [0.0];
         max_pool(&s, &[-4.0, -1.0, -3.0, -2.0], &mut y);
         assert_eq!(y, [-1.0]);
+        // All inputs are negative, so a padded zero must not win a window.
         let s = shape((2, 2), (2, 2), (3, 1, 1));
         let mut y = [0.0; 4];
         max_pool(&s, &[-4.0, -1.0, -3.0, -2.0], &mut y);
