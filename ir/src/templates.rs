@@ -51,10 +51,10 @@ pub fn connections(template: &Template, depth: usize, block_ends: &[usize]) -> V
 ///
 /// Down-path and bottleneck layers read every earlier layer, because each block
 /// input is the transition of the concatenation of `x0` and all earlier layers.
-/// A layer of an up-path block at resolution level `d` reads the skip connection
-/// of level `d` (`x0` and every layer of down blocks `0 ..= d`), the layers of the
-/// previous block (upsampled by the transposed conv) and the earlier layers of
-/// its own block. Transitions count as part of the layers they transform.
+/// A layer of an up-path block at resolution level `d` reads three groups. The
+/// first is the skip connection of level `d`: `x0` and every layer of down blocks
+/// `0 ..= d`. Then come the layers of the previous block, which the transposed
+/// conv upsamples, and the earlier layers of its own block. Transitions count as part of the layers they transform.
 pub fn fc_densenet_connections(blocks: &[usize]) -> Vec<Vec<usize>> {
     let depth: usize = blocks.iter().sum();
     let down = blocks.len() / 2;
@@ -283,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn fc_densenet_up_path_reads_skip_and_previous_block() {
+    fn fc_densenet_up_path_inputs() {
         // Blocks [2, 1, 2]: down x1 x2, bottleneck x3, up x4 x5 at level 0.
         let inputs = fc_densenet_connections(&[2, 1, 2]);
         assert_eq!(inputs[2], vec![1, 0]);

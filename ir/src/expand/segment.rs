@@ -9,12 +9,13 @@
 //!
 //! Two network families are built here:
 //! - The DenseNet template gives FC-DenseNet (Jégou et al., "The One Hundred
-//!   Layers Tiramisu", 2017). A down block outputs the concatenation of its input
-//!   and its layers. A down transition is BN-ReLU, a 1x1 conv keeping the channels
-//!   (`floor(compression * channels)` with a `Classic` transition), dropout and 2x2
-//!   max pooling, as in the Tiramisu code; the Log-DenseNet paper describes
-//!   average pooling instead. An up transition is a 3x3 transposed conv of stride
-//!   2 without padding over the previous block's new layers only, keeping their
+//!   Layers Tiramisu", 2017, and the authors' Lasagne code, SimJeg/FC-DenseNet on
+//!   GitHub). A down block outputs the concatenation of its input and its layers.
+//!   A down transition is BN-ReLU, a 1x1 conv keeping the channels, dropout and
+//!   2x2 max pooling, as in that code. A `Classic` transition scales the conv to
+//!   `floor(compression * channels)`. The Log-DenseNet paper describes average
+//!   pooling instead. An up transition is a 3x3 transposed conv of stride 2
+//!   without padding over the previous block's new layers only, keeping their
 //!   channels, cropped to the skip connection and concatenated with it. The final
 //!   1x1 conv reads the last block's input and layers.
 //! - Any other template gives the per-layer design of FC-Log-DenseNet (Hu et al.,
@@ -123,8 +124,9 @@ impl Layout {
         self.starts.len()
     }
 
-    /// Whether an auxiliary head goes at the end of `block` (full resolution only,
-    /// because the IR has no op that resizes logits or labels).
+    /// Returns whether an auxiliary head goes at the end of `block`. Only
+    /// full-resolution blocks get one, because the IR has no op that resizes
+    /// logits or labels.
     fn has_aux_head(&self, b: &Builder, block: usize) -> bool {
         // TODO: heads at coarser blocks need a resize op for logits or labels.
         b.spec.deep_supervision && block + 1 < self.blocks() && self.level(block) == 0
@@ -319,7 +321,8 @@ fn read_events(b: &Builder, features: &FeatureGraph, layout: &Layout) -> Vec<Vec
     reads
 }
 
-/// The copies at `level` of `layers`, which the transitions guarantee to exist.
+/// Collects the copies at `level` of `layers`, which the transitions create
+/// before any reader needs them.
 fn operands_at(
     copies: &[Vec<Option<ValueId>>],
     layers: &[usize],
@@ -348,10 +351,10 @@ fn copy_of(copies: &[Vec<Option<ValueId>>], j: usize, level: usize) -> Result<Va
     })
 }
 
-/// A channel-preserving 3x3 transposed conv of stride 2 without padding
-/// (output `2h + 1`), cropped to `size` from the top-left corner.
+/// Upsamples by a channel-preserving 3x3 transposed conv of stride 2 without
+/// padding (output `2h + 1`), cropped to `size` from the top-left corner.
 ///
-/// NOTE: the Tiramisu code crops the centre; `Op::Crop` keeps the top-left corner,
+/// NOTE: the Tiramisu code crops the centre, but `Op::Crop` keeps the top-left corner,
 /// which moves the kept window by at most one pixel.
 fn transposed_conv(
     b: &mut Builder,
