@@ -101,7 +101,10 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.sheet {
         let (split, names) = match &source {
             Source::Memory(dataset) => (dataset.train.clone(), dataset.class_names.clone()),
-            Source::Files(dataset) => (decode_preview(dataset, args.sheet_count)?, dataset.class_names.clone()),
+            Source::Files(dataset) => (
+                decode_preview(dataset, args.sheet_count)?,
+                dataset.class_names.clone(),
+            ),
         };
         let indices = spread_indices(split.len, args.sheet_count);
         let scale = (96 / split.height.max(split.width).max(1)).clamp(1, 4) as u32;
@@ -113,7 +116,12 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         shown.dedup();
         legend = shown
             .into_iter()
-            .map(|label| format!("{label}: {}", names.get(label as usize).map_or("?", String::as_str)))
+            .map(|label| {
+                format!(
+                    "{label}: {}",
+                    names.get(label as usize).map_or("?", String::as_str)
+                )
+            })
             .collect();
     }
 
@@ -122,7 +130,11 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     } else {
         print_text(&report);
         if let Some(path) = &args.sheet {
-            println!("contact sheet: {} (labels: {})", path.display(), legend.join(", "));
+            println!(
+                "contact sheet: {} (labels: {})",
+                path.display(),
+                legend.join(", ")
+            );
         }
     }
     if !report.failures.is_empty() {
@@ -212,7 +224,12 @@ fn files_report(dataset: &FileDataset) -> Report {
 }
 
 fn verify_files(dataset: &FileDataset) -> (usize, Vec<String>) {
-    let all: Vec<&PathBuf> = dataset.train.iter().chain(&dataset.test).map(|(p, _)| p).collect();
+    let all: Vec<&PathBuf> = dataset
+        .train
+        .iter()
+        .chain(&dataset.test)
+        .map(|(p, _)| p)
+        .collect();
     let failures: Vec<String> = all
         .par_iter()
         .filter_map(|path| decode_image_file(path).err().map(|error| error.to_string()))
@@ -238,7 +255,14 @@ fn decode_preview(dataset: &FileDataset, count: usize) -> anyhow::Result<Split> 
     for index in spread_indices(dataset.train.len(), count) {
         let (path, label) = &dataset.train[index];
         let image = decode_image_file(path)?.to_rgb8();
-        let sample = data::augment_image(&augment, image.as_raw(), image.height() as usize, image.width() as usize, 3, &mut sample_rng(0, 0, index as u64));
+        let sample = data::augment_image(
+            &augment,
+            image.as_raw(),
+            image.height() as usize,
+            image.width() as usize,
+            3,
+            &mut sample_rng(0, 0, index as u64),
+        );
         split.images.extend_from_slice(&sample.pixels);
         split.labels.push(*label);
         split.len += 1;
@@ -255,16 +279,28 @@ fn spread_indices(len: usize, count: usize) -> Vec<usize> {
 fn print_text(report: &Report) {
     println!("dataset {} ({} classes)", report.dataset, report.classes);
     for split in &report.splits {
-        let shape = split
-            .shape
-            .map_or("varying size".to_string(), |[h, w, c]| format!("{h}x{w}x{c}"));
+        let shape = split.shape.map_or("varying size".to_string(), |[h, w, c]| {
+            format!("{h}x{w}x{c}")
+        });
         println!("  {:<5} {:>9} images  {shape}", split.name, split.len);
     }
-    println!("  mean {:?}  std {:?} ({})", report.mean, report.std, report.stats_source);
+    println!(
+        "  mean {:?}  std {:?} ({})",
+        report.mean, report.std, report.stats_source
+    );
     if let Some(ignore) = report.ignore_label {
         println!("  ignored label {ignore}");
     }
-    println!("  {:<4} {:<24} {}", "id", "class", report.splits.iter().map(|s| format!("{:>9}", s.name)).collect::<String>());
+    println!(
+        "  {:<4} {:<24} {}",
+        "id",
+        "class",
+        report
+            .splits
+            .iter()
+            .map(|s| format!("{:>9}", s.name))
+            .collect::<String>()
+    );
     for (class, name) in report.class_names.iter().enumerate() {
         let counts: String = report
             .splits
@@ -278,7 +314,10 @@ fn print_text(report: &Report) {
         println!("  {class:<4} {name:<24} {counts}{weight}");
     }
     if let Some(verified) = report.verified {
-        println!("verified: {verified} items decoded, {} failed", report.failures.len());
+        println!(
+            "verified: {verified} items decoded, {} failed",
+            report.failures.len()
+        );
         for failure in &report.failures {
             println!("  {failure}");
         }

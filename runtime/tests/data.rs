@@ -34,7 +34,11 @@ fn cifar_planar(file: usize, record: usize) -> Vec<u8> {
 fn assert_hwc_matches(hwc: &[u8], planar: &[u8], what: &str) {
     for p in 0..1024 {
         for c in 0..3 {
-            assert_eq!(hwc[p * 3 + c], planar[c * 1024 + p], "{what}: pixel {p} channel {c}");
+            assert_eq!(
+                hwc[p * 3 + c],
+                planar[c * 1024 + p],
+                "{what}: pixel {p} channel {c}"
+            );
         }
     }
 }
@@ -57,7 +61,9 @@ fn tar_gz(files: &[(String, Vec<u8>)]) -> Vec<u8> {
         header.set_size(bytes.len() as u64);
         header.set_mode(0o644);
         header.set_cksum();
-        builder.append_data(&mut header, name, bytes.as_slice()).expect("tar entry");
+        builder
+            .append_data(&mut header, name, bytes.as_slice())
+            .expect("tar entry");
     }
     builder
         .into_inner()
@@ -115,9 +121,16 @@ fn check_cifar10(dataset: &data::Dataset) {
         for record in 0..2 {
             let index = file * 2 + record;
             let expected_label = if record == 0 { file } else { 9 - file };
-            assert_eq!(dataset.train.labels[index], expected_label as u32, "train label {index}");
+            assert_eq!(
+                dataset.train.labels[index], expected_label as u32,
+                "train label {index}"
+            );
             let what = format!("train image {index}");
-            assert_hwc_matches(dataset.train.image(index), &cifar_planar(file, record), &what);
+            assert_hwc_matches(
+                dataset.train.image(index),
+                &cifar_planar(file, record),
+                &what,
+            );
         }
     }
     assert_eq!(dataset.test.labels, vec![5, 4]);
@@ -128,7 +141,10 @@ fn check_cifar10(dataset: &data::Dataset) {
 fn cifar10_binary_folder() {
     let dir = tempfile::tempdir().expect("temp dir");
     for (file, name) in CIFAR10_BINARY.iter().enumerate() {
-        write(&dir.path().join("cifar-10-batches-bin").join(name), &cifar10_binary_batch(file));
+        write(
+            &dir.path().join("cifar-10-batches-bin").join(name),
+            &cifar10_binary_batch(file),
+        );
     }
     let spec = DataSpec::parse(&format!("cifar10:{}", dir.path().display())).expect("spec");
     check_cifar10(&data::load(&spec).expect("load binary folder"));
@@ -140,7 +156,12 @@ fn cifar10_binary_tar_gz() {
     let files: Vec<(String, Vec<u8>)> = CIFAR10_BINARY
         .iter()
         .enumerate()
-        .map(|(file, name)| (format!("cifar-10-batches-bin/{name}"), cifar10_binary_batch(file)))
+        .map(|(file, name)| {
+            (
+                format!("cifar-10-batches-bin/{name}"),
+                cifar10_binary_batch(file),
+            )
+        })
         .collect();
     let archive = dir.path().join("cifar-10-binary.tar.gz");
     write(&archive, &tar_gz(&files));
@@ -152,13 +173,23 @@ fn cifar10_binary_tar_gz() {
 #[test]
 fn cifar10_python_folder_and_tar_gz() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"];
+    let names = [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ];
     let files: Vec<(String, Vec<u8>)> = names
         .iter()
         .enumerate()
         .map(|(file, name)| {
             let labels = [file as u32, 9 - file as u32];
-            (format!("cifar-10-batches-py/{name}"), cifar_python_batch(file, &[("labels", labels)]))
+            (
+                format!("cifar-10-batches-py/{name}"),
+                cifar_python_batch(file, &[("labels", labels)]),
+            )
         })
         .collect();
     for (name, bytes) in &files {
@@ -174,7 +205,7 @@ fn cifar10_python_folder_and_tar_gz() {
 fn cifar100_binary(file: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for (record, (coarse, fine)) in [(3u8, 42u8), (19, 99)].into_iter().enumerate() {
-        out.extend_from_slice(&[coarse + file as u8 % 1, fine - file as u8]);
+        out.extend_from_slice(&[coarse, fine - file as u8]);
         out.extend_from_slice(&cifar_planar(file, record));
     }
     out
@@ -186,27 +217,43 @@ fn cifar100_binary_coarse_and_fine() {
     write(&dir.path().join("train.bin"), &cifar100_binary(0));
     write(&dir.path().join("test.bin"), &cifar100_binary(1));
     let fine_names: String = (0..100).map(|i| format!("fine{i}\n")).collect();
-    write(&dir.path().join("fine_label_names.txt"), fine_names.as_bytes());
+    write(
+        &dir.path().join("fine_label_names.txt"),
+        fine_names.as_bytes(),
+    );
 
     let fine = data::load_cifar100(dir.path(), false).expect("fine labels");
     assert_eq!(fine.classes, 100);
     assert_eq!(fine.train.labels, vec![42, 99]);
     assert_eq!(fine.test.labels, vec![41, 98]);
     assert_eq!(fine.class_names[42], "fine42");
-    assert_hwc_matches(fine.train.image(1), &cifar_planar(0, 1), "fine train image 1");
+    assert_hwc_matches(
+        fine.train.image(1),
+        &cifar_planar(0, 1),
+        "fine train image 1",
+    );
 
     let coarse = data::load_cifar100(dir.path(), true).expect("coarse labels");
     assert_eq!(coarse.classes, 20);
     assert_eq!(coarse.train.labels, vec![3, 19]);
-    assert_eq!(coarse.class_names[0], "class 0", "no coarse name file was written");
+    assert_eq!(
+        coarse.class_names[0], "class 0",
+        "no coarse name file was written"
+    );
 }
 
 #[test]
 fn cifar100_python_with_meta() {
     let dir = tempfile::tempdir().expect("temp dir");
     let keys = |fine: [u32; 2]| [("fine_labels", fine), ("coarse_labels", [7, 8])];
-    write(&dir.path().join("cifar-100-python/train"), &cifar_python_batch(0, &keys([5, 6])));
-    write(&dir.path().join("cifar-100-python/test"), &cifar_python_batch(1, &keys([60, 61])));
+    write(
+        &dir.path().join("cifar-100-python/train"),
+        &cifar_python_batch(0, &keys([5, 6])),
+    );
+    write(
+        &dir.path().join("cifar-100-python/test"),
+        &cifar_python_batch(1, &keys([60, 61])),
+    );
 
     let mut meta = Vec::new();
     pk::header(&mut meta);
@@ -262,14 +309,20 @@ fn cifar_label_out_of_range_named() {
         write(&dir.path().join(name), &bytes);
     }
     let error = data::load_cifar10(dir.path()).expect_err("label 10");
-    assert!(matches!(error, DataError::LabelOutOfRange { label: 10, .. }), "{error}");
+    assert!(
+        matches!(error, DataError::LabelOutOfRange { label: 10, .. }),
+        "{error}"
+    );
     assert!(error.to_string().contains("test_batch.bin"), "{error}");
 }
 
 #[test]
 fn cifar_missing_files_listed() {
     let dir = tempfile::tempdir().expect("temp dir");
-    write(&dir.path().join("data_batch_1.bin"), &cifar10_binary_batch(0));
+    write(
+        &dir.path().join("data_batch_1.bin"),
+        &cifar10_binary_batch(0),
+    );
     let error = data::load_cifar10(dir.path()).expect_err("incomplete");
     let message = error.to_string();
     assert!(message.contains("data_batch_5.bin"), "{message}");
@@ -315,9 +368,15 @@ fn svhn_file(labels: &[f64], offset: usize) -> Vec<u8> {
 #[test]
 fn svhn_compressed_mat_with_extra() {
     let dir = tempfile::tempdir().expect("temp dir");
-    write(&dir.path().join("train_32x32.mat"), &svhn_file(&[10.0, 1.0, 5.0], 0));
+    write(
+        &dir.path().join("train_32x32.mat"),
+        &svhn_file(&[10.0, 1.0, 5.0], 0),
+    );
     write(&dir.path().join("test_32x32.mat"), &svhn_file(&[2.0], 100));
-    write(&dir.path().join("extra_32x32.mat"), &svhn_file(&[10.0, 9.0], 50));
+    write(
+        &dir.path().join("extra_32x32.mat"),
+        &svhn_file(&[10.0, 9.0], 50),
+    );
 
     let spec = DataSpec::parse(&format!("svhn:{}", dir.path().display())).expect("spec");
     let svhn = data::load(&spec).expect("svhn");
@@ -330,13 +389,16 @@ fn svhn_compressed_mat_with_extra() {
             assert_eq!(got, svhn_value(h, w, c, n), "image {n} at ({h}, {w}, {c})");
         }
     }
-    assert_eq!(svhn.test.image(0)[(3 * 32 + 4) * 3 + 2], svhn_value(3, 4, 2, 100));
+    assert_eq!(
+        svhn.test.image(0)[(3 * 32 + 4) * 3 + 2],
+        svhn_value(3, 4, 2, 100)
+    );
 
     let spec = DataSpec::parse(&format!("svhn+extra:{}", dir.path().display())).expect("spec");
     let extra = data::load(&spec).expect("svhn+extra");
     assert_eq!(extra.train.len, 5);
     assert_eq!(extra.train.labels, vec![0, 1, 5, 0, 9]);
-    assert_eq!(extra.train.image(4)[(1 * 32 + 2) * 3], svhn_value(1, 2, 0, 51));
+    assert_eq!(extra.train.image(4)[(32 + 2) * 3], svhn_value(1, 2, 0, 51));
 }
 
 #[test]
@@ -348,7 +410,10 @@ fn svhn_missing_variable_named() {
         dims: vec![32, 32, 3, 0],
         data: MatData::U8(Vec::new()),
     }];
-    write(&dir.path().join("train_32x32.mat"), &mat::write::file(&only_x, true));
+    write(
+        &dir.path().join("train_32x32.mat"),
+        &mat::write::file(&only_x, true),
+    );
     write(&dir.path().join("test_32x32.mat"), &svhn_file(&[2.0], 0));
     let error = data::load_svhn(dir.path(), false).expect_err("no y");
     let message = error.to_string();
@@ -359,10 +424,23 @@ fn svhn_missing_variable_named() {
 #[test]
 fn svhn_label_out_of_range() {
     let dir = tempfile::tempdir().expect("temp dir");
-    write(&dir.path().join("train_32x32.mat"), &svhn_file(&[3.0, 11.0], 0));
+    write(
+        &dir.path().join("train_32x32.mat"),
+        &svhn_file(&[3.0, 11.0], 0),
+    );
     write(&dir.path().join("test_32x32.mat"), &svhn_file(&[2.0], 0));
     let error = data::load_svhn(dir.path(), false).expect_err("label 11");
-    assert!(matches!(error, DataError::LabelOutOfRange { index: 1, label: 11, .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            DataError::LabelOutOfRange {
+                index: 1,
+                label: 11,
+                ..
+            }
+        ),
+        "{error}"
+    );
 }
 
 #[test]
@@ -373,7 +451,10 @@ fn svhn_missing_extra_listed() {
     let error = data::load_svhn(dir.path(), true).expect_err("no extra");
     let message = error.to_string();
     assert!(message.contains("extra_32x32.mat"), "{message}");
-    assert!(message.contains("found test_32x32.mat, train_32x32.mat"), "{message}");
+    assert!(
+        message.contains("found test_32x32.mat, train_32x32.mat"),
+        "{message}"
+    );
 }
 
 // ---------------------------------------------------------------- Fashion-MNIST
@@ -383,7 +464,10 @@ fn write_fashion(dir: &Path, compress: bool) {
     let files = [
         ("train-images-idx3-ubyte", encode_idx(&[3, 28, 28], &images)),
         ("train-labels-idx1-ubyte", encode_idx(&[3], &[9, 0, 4])),
-        ("t10k-images-idx3-ubyte", encode_idx(&[1, 28, 28], &images[..784])),
+        (
+            "t10k-images-idx3-ubyte",
+            encode_idx(&[1, 28, 28], &images[..784]),
+        ),
         ("t10k-labels-idx1-ubyte", encode_idx(&[1], &[7])),
     ];
     for (name, bytes) in files {
@@ -400,11 +484,19 @@ fn fashion_idx_gzip_and_plain() {
     for compress in [true, false] {
         let dir = tempfile::tempdir().expect("temp dir");
         write_fashion(dir.path(), compress);
-        let spec = DataSpec::parse(&format!("fashion-mnist:{}", dir.path().display())).expect("spec");
+        let spec =
+            DataSpec::parse(&format!("fashion-mnist:{}", dir.path().display())).expect("spec");
         let fashion = data::load(&spec).expect("fashion");
         assert_eq!(fashion.train.labels, vec![9, 0, 4], "compress = {compress}");
         assert_eq!(fashion.test.labels, vec![7]);
-        assert_eq!((fashion.train.height, fashion.train.width, fashion.train.channels), (28, 28, 1));
+        assert_eq!(
+            (
+                fashion.train.height,
+                fashion.train.width,
+                fashion.train.channels
+            ),
+            (28, 28, 1)
+        );
         let expected: Vec<u8> = (0..3 * 784).map(|i| (i % 253) as u8).collect();
         assert_eq!(fashion.train.images, expected);
         assert_eq!(fashion.class_names[9], "Ankle boot");
@@ -419,16 +511,25 @@ fn fashion_truncated_gzip_named() {
     let bytes = std::fs::read(&path).expect("read");
     write(&path, &bytes[..bytes.len() / 2]);
     let error = read_idx(&path).expect_err("truncated gzip");
-    assert!(error.to_string().contains("train-images-idx3-ubyte.gz"), "{error}");
+    assert!(
+        error.to_string().contains("train-images-idx3-ubyte.gz"),
+        "{error}"
+    );
 }
 
 #[test]
 fn fashion_label_count_mismatch() {
     let dir = tempfile::tempdir().expect("temp dir");
     write_fashion(dir.path(), false);
-    write(&dir.path().join("train-labels-idx1-ubyte"), &encode_idx(&[2], &[1, 2]));
+    write(
+        &dir.path().join("train-labels-idx1-ubyte"),
+        &encode_idx(&[2], &[1, 2]),
+    );
     let error = data::load_fashion_mnist(dir.path()).expect_err("2 labels for 3 images");
-    assert!(error.to_string().contains("train-labels-idx1-ubyte"), "{error}");
+    assert!(
+        error.to_string().contains("train-labels-idx1-ubyte"),
+        "{error}"
+    );
 }
 
 // ---------------------------------------------------------------- ImageNet
@@ -443,7 +544,9 @@ fn encode_jpeg(pixels: &[u8], width: u16, height: u16, color: jpeg_encoder::Colo
 
 fn png_bytes(image: &RgbImage) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut out, image::ImageOutputFormat::Png).expect("encode PNG");
+    image
+        .write_to(&mut out, image::ImageOutputFormat::Png)
+        .expect("encode PNG");
     out.into_inner()
 }
 
@@ -453,14 +556,26 @@ fn write_imagenet(root: &Path) {
     let (w, h) = (40u16, 30u16);
     // Pure red in CMYK: no cyan, full magenta and yellow, no black.
     let cmyk: Vec<u8> = [0u8, 255, 255, 0].repeat(w as usize * h as usize);
-    write(&root.join("train/n01/cmyk.JPEG"), &encode_jpeg(&cmyk, w, h, jpeg_encoder::ColorType::Cmyk));
+    write(
+        &root.join("train/n01/cmyk.JPEG"),
+        &encode_jpeg(&cmyk, w, h, jpeg_encoder::ColorType::Cmyk),
+    );
     let gray = vec![100u8; w as usize * h as usize];
-    write(&root.join("train/n01/gray.JPEG"), &encode_jpeg(&gray, w, h, jpeg_encoder::ColorType::Luma));
+    write(
+        &root.join("train/n01/gray.JPEG"),
+        &encode_jpeg(&gray, w, h, jpeg_encoder::ColorType::Luma),
+    );
     let png = RgbImage::from_pixel(w as u32, h as u32, Rgb([10, 200, 30]));
     write(&root.join("train/n02/png_named.JPEG"), &png_bytes(&png));
 
-    write(&root.join("val/ILSVRC2012_val_00000001.JPEG"), &png_bytes(&png));
-    write(&root.join("val/ILSVRC2012_val_00000002.JPEG"), &encode_jpeg(&gray, w, h, jpeg_encoder::ColorType::Luma));
+    write(
+        &root.join("val/ILSVRC2012_val_00000001.JPEG"),
+        &png_bytes(&png),
+    );
+    write(
+        &root.join("val/ILSVRC2012_val_00000002.JPEG"),
+        &encode_jpeg(&gray, w, h, jpeg_encoder::ColorType::Luma),
+    );
 
     // ILSVRC2012_ID 1 is n02 and 2 is n01, the reverse of the sorted order.
     let synset = |id: f64, wnid: &str| {
@@ -489,8 +604,14 @@ fn write_imagenet(root: &Path) {
         },
     };
     let devkit = root.join("ILSVRC2012_devkit_t12/data");
-    write(&devkit.join("meta.mat"), &mat::write::file(&[synsets], false));
-    write(&devkit.join("ILSVRC2012_validation_ground_truth.txt"), b"1\n2\n");
+    write(
+        &devkit.join("meta.mat"),
+        &mat::write::file(&[synsets], false),
+    );
+    write(
+        &devkit.join("ILSVRC2012_validation_ground_truth.txt"),
+        b"1\n2\n",
+    );
 }
 
 #[test]
@@ -498,16 +619,27 @@ fn imagenet_odd_jpegs_decode() {
     let dir = tempfile::tempdir().expect("temp dir");
     write_imagenet(dir.path());
 
-    let cmyk = decode_image_file(&dir.path().join("train/n01/cmyk.JPEG")).expect("CMYK JPEG").to_rgb8();
+    let cmyk = decode_image_file(&dir.path().join("train/n01/cmyk.JPEG"))
+        .expect("CMYK JPEG")
+        .to_rgb8();
     let pixel = cmyk.get_pixel(20, 15);
-    assert!(pixel[0] > 230 && pixel[1] < 25 && pixel[2] < 25, "CMYK red decoded as {pixel:?}");
+    assert!(
+        pixel[0] > 230 && pixel[1] < 25 && pixel[2] < 25,
+        "CMYK red decoded as {pixel:?}"
+    );
 
-    let gray = decode_image_file(&dir.path().join("train/n01/gray.JPEG")).expect("gray JPEG").to_rgb8();
+    let gray = decode_image_file(&dir.path().join("train/n01/gray.JPEG"))
+        .expect("gray JPEG")
+        .to_rgb8();
     assert_eq!(gray.dimensions(), (40, 30));
     let pixel = gray.get_pixel(3, 3);
-    assert!(pixel.0.iter().all(|&v| v.abs_diff(100) <= 2), "gray decoded as {pixel:?}");
+    assert!(
+        pixel.0.iter().all(|&v| v.abs_diff(100) <= 2),
+        "gray decoded as {pixel:?}"
+    );
 
-    let png = decode_image_file(&dir.path().join("train/n02/png_named.JPEG")).expect("PNG named .JPEG");
+    let png =
+        decode_image_file(&dir.path().join("train/n02/png_named.JPEG")).expect("PNG named .JPEG");
     assert_eq!(png.to_rgb8().get_pixel(0, 0), &Rgb([10, 200, 30]));
 }
 
@@ -523,14 +655,27 @@ fn imagenet_devkit_ground_truth() {
     let train: Vec<(String, u32)> = imagenet
         .train
         .iter()
-        .map(|(p, l)| (p.file_name().expect("name").to_string_lossy().into_owned(), *l))
+        .map(|(p, l)| {
+            (
+                p.file_name().expect("name").to_string_lossy().into_owned(),
+                *l,
+            )
+        })
         .collect();
     assert_eq!(
         train,
-        vec![("cmyk.JPEG".into(), 0), ("gray.JPEG".into(), 0), ("png_named.JPEG".into(), 1)]
+        vec![
+            ("cmyk.JPEG".into(), 0),
+            ("gray.JPEG".into(), 0),
+            ("png_named.JPEG".into(), 1)
+        ]
     );
     let labels: Vec<u32> = imagenet.test.iter().map(|(_, l)| *l).collect();
-    assert_eq!(labels, vec![1, 0], "ID 1 is n02 (class 1), ID 2 is n01 (class 0)");
+    assert_eq!(
+        labels,
+        vec![1, 0],
+        "ID 1 is n02 (class 1), ID 2 is n01 (class 0)"
+    );
 
     let error = data::load(&spec).expect_err("ImageNet does not load into memory");
     assert!(matches!(error, DataError::StreamingOnly { .. }), "{error}");
@@ -546,7 +691,10 @@ fn imagenet_val_txt_and_kaggle_csv() {
                ILSVRC2012_val_00000002,n02 5 6 7 8 n02 1 1 1 1\n";
     write(&dir.path().join("LOC_val_solution.csv"), csv.as_bytes());
     let from_csv = data::open_imagenet(dir.path()).expect("csv labels");
-    assert_eq!(from_csv.test.iter().map(|(_, l)| *l).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(
+        from_csv.test.iter().map(|(_, l)| *l).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
 
     std::fs::remove_file(dir.path().join("LOC_val_solution.csv")).expect("remove csv");
     write(
@@ -554,9 +702,15 @@ fn imagenet_val_txt_and_kaggle_csv() {
         b"ILSVRC2012_val_00000001.JPEG 1\nILSVRC2012_val_00000002.JPEG 1\n",
     );
     let from_txt = data::open_imagenet(dir.path()).expect("val.txt labels");
-    assert_eq!(from_txt.test.iter().map(|(_, l)| *l).collect::<Vec<_>>(), vec![1, 1]);
+    assert_eq!(
+        from_txt.test.iter().map(|(_, l)| *l).collect::<Vec<_>>(),
+        vec![1, 1]
+    );
 
-    write(&dir.path().join("val.txt"), b"ILSVRC2012_val_00000001.JPEG 5\n");
+    write(
+        &dir.path().join("val.txt"),
+        b"ILSVRC2012_val_00000001.JPEG 5\n",
+    );
     let error = data::open_imagenet(dir.path()).expect_err("label 5 of 2 classes");
     assert!(error.to_string().contains("val.txt"), "{error}");
 }
@@ -593,14 +747,22 @@ fn prefetcher_same_for_any_thread_count() {
     assert_eq!(one[0].images.len(), 2 * 8 * 8 * 3);
 
     let mut eval = BatchConfig::eval(2);
-    eval.augment = Augment::ResizeCenterCrop { resize: 10, crop: 8 };
-    let batches: Vec<data::Batch> = Prefetcher::new(Arc::new(imagenet.test.clone()), &norm, &eval, 0, 2, 1)
-        .collect::<Result<_, _>>()
-        .expect("decode val");
+    eval.augment = Augment::ResizeCenterCrop {
+        resize: 10,
+        crop: 8,
+    };
+    let batches: Vec<data::Batch> =
+        Prefetcher::new(Arc::new(imagenet.test.clone()), &norm, &eval, 0, 2, 1)
+            .collect::<Result<_, _>>()
+            .expect("decode val");
     assert_eq!(batches[0].labels, vec![1.0, 0.0]);
     // The first validation image is the PNG of constant (10, 200, 30).
     let red = (10.0 / 255.0 - data::IMAGENET_MEAN[0]) / data::IMAGENET_STD[0];
-    assert!((batches[0].images[0] - red).abs() < 1e-5, "{}", batches[0].images[0]);
+    assert!(
+        (batches[0].images[0] - red).abs() < 1e-5,
+        "{}",
+        batches[0].images[0]
+    );
 }
 
 #[test]
@@ -613,7 +775,8 @@ fn prefetcher_reports_corrupt_jpeg() {
     let config = BatchConfig::eval(4);
     let mut config = config;
     config.augment = Augment::ResizeCenterCrop { resize: 8, crop: 8 };
-    let results: Vec<_> = Prefetcher::new(Arc::new(imagenet.train), &imagenet_norm(), &config, 0, 2, 2).collect();
+    let results: Vec<_> =
+        Prefetcher::new(Arc::new(imagenet.train), &imagenet_norm(), &config, 0, 2, 2).collect();
     let error = results[0].as_ref().expect_err("corrupt JPEG");
     assert!(error.to_string().contains("broken.JPEG"), "{error}");
 }
@@ -630,15 +793,27 @@ fn imagenet_norm() -> Normalization {
 fn write_camvid_split(root: &Path, split: &str, count: usize, first_label: u8) {
     for i in 0..count {
         let image = RgbImage::from_fn(6, 5, |x, y| Rgb([x as u8 * 10 + i as u8, y as u8 * 20, 7]));
-        let labels = GrayImage::from_fn(6, 5, |x, y| Luma([(first_label + x as u8 + y as u8) % 12]));
+        let labels =
+            GrayImage::from_fn(6, 5, |x, y| Luma([(first_label + x as u8 + y as u8) % 12]));
         let name = format!("{split}_{i:03}.png");
-        image.save(root.join(split).join(&name)).expect("save image");
-        labels.save(root.join(format!("{split}annot")).join(&name)).expect("save labels");
+        image
+            .save(root.join(split).join(&name))
+            .expect("save image");
+        labels
+            .save(root.join(format!("{split}annot")).join(&name))
+            .expect("save labels");
     }
 }
 
 fn write_camvid(root: &Path) {
-    for split in ["train", "trainannot", "val", "valannot", "test", "testannot"] {
+    for split in [
+        "train",
+        "trainannot",
+        "val",
+        "valannot",
+        "test",
+        "testannot",
+    ] {
         std::fs::create_dir_all(root.join(split)).expect("mkdir");
     }
     write_camvid_split(root, "train", 2, 0);
@@ -656,14 +831,29 @@ fn camvid_segnet_layout() {
     assert_eq!(camvid.train.len, 2);
     assert_eq!(camvid.val.as_ref().map(|v| v.len), Some(1));
     assert_eq!(camvid.test.len, 1);
-    assert_eq!((camvid.train.height, camvid.train.width, camvid.train.channels), (5, 6, 3));
+    assert_eq!(
+        (
+            camvid.train.height,
+            camvid.train.width,
+            camvid.train.channels
+        ),
+        (5, 6, 3)
+    );
     assert_eq!(camvid.ignore_label, Some(11));
     assert!(camvid.train.is_segmentation());
     for i in 0..2 {
         for (x, y) in [(0usize, 0usize), (5, 4), (2, 3)] {
             let pixel = &camvid.train.image(i)[(y * 6 + x) * 3..(y * 6 + x) * 3 + 3];
-            assert_eq!(pixel, &[x as u8 * 10 + i as u8, y as u8 * 20, 7], "image {i} at ({x}, {y})");
-            assert_eq!(camvid.train.label(i)[y * 6 + x], ((x + y) % 12) as u32, "label {i} ({x}, {y})");
+            assert_eq!(
+                pixel,
+                &[x as u8 * 10 + i as u8, y as u8 * 20, 7],
+                "image {i} at ({x}, {y})"
+            );
+            assert_eq!(
+                camvid.train.label(i)[y * 6 + x],
+                ((x + y) % 12) as u32,
+                "label {i} ({x}, {y})"
+            );
         }
     }
     assert_eq!(camvid.test.label(0)[0], 5);
@@ -671,7 +861,10 @@ fn camvid_segnet_layout() {
     let weights = camvid.class_weights.as_ref().expect("class weights");
     assert_eq!(weights.len(), 11);
     // Train labels x + y on a 6x5 grid reach 9, so class 10 never appears.
-    assert!(weights[..10].iter().all(|&w| w > 0.0), "classes 0 to 9 appear: {weights:?}");
+    assert!(
+        weights[..10].iter().all(|&w| w > 0.0),
+        "classes 0 to 9 appear: {weights:?}"
+    );
     assert_eq!(weights[10], 0.0, "an absent class gets weight 0");
     // Labels x + y on a 6x5 grid: class 0 covers 1 pixel, class 5 covers 5.
     assert!((weights[0] / weights[5] - 5.0).abs() < 1e-4, "{weights:?}");
@@ -682,7 +875,8 @@ fn camvid_label_out_of_range() {
     let dir = tempfile::tempdir().expect("temp dir");
     write_camvid(dir.path());
     let bad = GrayImage::from_pixel(6, 5, Luma([12]));
-    bad.save(dir.path().join("testannot/test_000.png")).expect("save");
+    bad.save(dir.path().join("testannot/test_000.png"))
+        .expect("save");
     let error = data::load_camvid(dir.path()).expect_err("label 12");
     assert!(error.to_string().contains("test_000.png"), "{error}");
 }
@@ -706,7 +900,11 @@ fn camvid_random_crop_keeps_pairs() {
             let red = batch.images[(slot * 16 + p) * 3] * 255.0;
             let green = batch.images[(slot * 16 + p) * 3 + 1] * 255.0;
             let (x, y) = (((red - i) / 10.0).round(), (green / 20.0).round());
-            assert_eq!(batch.labels[slot * 16 + p], (x + y) % 12.0, "slot {slot} pixel {p}");
+            assert_eq!(
+                batch.labels[slot * 16 + p],
+                (x + y) % 12.0,
+                "slot {slot} pixel {p}"
+            );
         }
     }
 }
@@ -730,7 +928,10 @@ fn batches_with_threads(threads: usize, config: &BatchConfig, epoch: usize) -> V
         mean: vec![0.5; 3],
         std: vec![0.25; 3],
     };
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
     pool.install(|| Batcher::new(&split, &norm, config, epoch).collect())
 }
 
@@ -757,7 +958,9 @@ fn augmentation_deterministic_across_threads() {
 fn cifar_crop_is_a_shifted_window() {
     let split = cifar_like_split();
     let config = BatchConfig::train(20, Augment::cifar(4, false), 9);
-    let batch = Batcher::new(&split, &Normalization::unit(3), &config, 0).next().expect("batch");
+    let batch = Batcher::new(&split, &Normalization::unit(3), &config, 0)
+        .next()
+        .expect("batch");
     // Every output is the source shifted by (dy, dx) in [-4, 4] with zero fill.
     for slot in 0..20 {
         let source = split.image(batch.indices[slot]);
@@ -765,18 +968,24 @@ fn cifar_crop_is_a_shifted_window() {
             .iter()
             .map(|&v| (v * 255.0).round() as u8)
             .collect();
-        let found = (-4..=4isize).flat_map(|dy| (-4..=4isize).map(move |dx| (dy, dx))).any(|(dy, dx)| {
-            (0..32isize).all(|y| {
-                (0..32isize).all(|x| {
-                    let (sy, sx) = (y + dy, x + dx);
-                    let inside = (0..32).contains(&sy) && (0..32).contains(&sx);
-                    (0..3).all(|c| {
-                        let expected = if inside { source[((sy * 32 + sx) * 3) as usize + c] } else { 0 };
-                        output[((y * 32 + x) * 3) as usize + c] == expected
+        let found = (-4..=4isize)
+            .flat_map(|dy| (-4..=4isize).map(move |dx| (dy, dx)))
+            .any(|(dy, dx)| {
+                (0..32isize).all(|y| {
+                    (0..32isize).all(|x| {
+                        let (sy, sx) = (y + dy, x + dx);
+                        let inside = (0..32).contains(&sy) && (0..32).contains(&sx);
+                        (0..3).all(|c| {
+                            let expected = if inside {
+                                source[((sy * 32 + sx) * 3) as usize + c]
+                            } else {
+                                0
+                            };
+                            output[((y * 32 + x) * 3) as usize + c] == expected
+                        })
                     })
                 })
-            })
-        });
+            });
         assert!(found, "slot {slot} is not a padded crop of its source");
         assert_eq!(batch.labels[slot], split.labels[batch.indices[slot]] as f32);
     }
@@ -797,16 +1006,28 @@ fn bundle_dir() -> PathBuf {
 
 #[test]
 fn bundled_subset_loads() {
-    let fashion = data::load(&DataSpec::parse("fashion-mnist").expect("spec")).expect("bundled subset");
+    let fashion =
+        data::load(&DataSpec::parse("fashion-mnist").expect("spec")).expect("bundled subset");
     assert_eq!(fashion.train.len, 10_000);
     assert_eq!(fashion.test.len, 2_000);
     assert_eq!(fashion.classes, 10);
     let counts = fashion.train.class_counts(10, None);
-    assert!(counts.iter().all(|&c| c > 800), "every class is represented: {counts:?}");
-    assert!((fashion.mean[0] - 0.286).abs() < 0.01, "mean {:?}", fashion.mean);
+    assert!(
+        counts.iter().all(|&c| c > 800),
+        "every class is represented: {counts:?}"
+    );
+    assert!(
+        (fashion.mean[0] - 0.286).abs() < 0.01,
+        "mean {:?}",
+        fashion.mean
+    );
     let total: u64 = BUNDLE_FILES
         .iter()
-        .map(|(name, _)| std::fs::metadata(bundle_dir().join(name)).expect("bundle file").len())
+        .map(|(name, _)| {
+            std::fs::metadata(bundle_dir().join(name))
+                .expect("bundle file")
+                .len()
+        })
         .sum();
     assert!(total < 5_500_000, "bundle is {total} bytes");
 }
@@ -836,7 +1057,10 @@ fn bundled_subset_matches_debian_cut() {
         }
         let bundled = read_idx(&target).expect("bundled file");
         assert_eq!(bundled.dims, dims, "{name}");
-        assert!(bundled.data == cut, "{name} differs from the first {count} Debian items");
+        assert!(
+            bundled.data == cut,
+            "{name} differs from the first {count} Debian items"
+        );
     }
 }
 
@@ -867,14 +1091,21 @@ fn inspect_writes_report_and_sheet() {
 
     cli_data::run(args).expect("inspect");
     let image = image::open(&sheet).expect("contact sheet PNG").to_rgb8();
-    assert!(image.width() > 3 * 28 && image.height() > 28, "{:?}", image.dimensions());
+    assert!(
+        image.width() > 3 * 28 && image.height() > 28,
+        "{:?}",
+        image.dimensions()
+    );
 }
 
 #[test]
 fn inspect_verify_lists_corrupt_files() {
     let dir = tempfile::tempdir().expect("temp dir");
     write_imagenet(dir.path());
-    write(&dir.path().join("train/n01/corrupt.JPEG"), b"\xff\xd8 not a jpeg");
+    write(
+        &dir.path().join("train/n01/corrupt.JPEG"),
+        b"\xff\xd8 not a jpeg",
+    );
     let args = cli_data::DataArgs {
         command: cli_data::DataCommand::Inspect(cli_data::InspectArgs {
             spec: format!("imagenet:{}", dir.path().display()),

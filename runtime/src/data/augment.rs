@@ -236,7 +236,12 @@ fn random_resized_region(height: usize, width: usize, rng: &mut SmallRng) -> (f3
         }
     }
     let side = height.min(width) as f32;
-    ((height as f32 - side) / 2.0, (width as f32 - side) / 2.0, side, side)
+    (
+        (height as f32 - side) / 2.0,
+        (width as f32 - side) / 2.0,
+        side,
+        side,
+    )
 }
 
 /// Copies the image shifted by (`dy`, `dx`) with zeros where the source is
@@ -268,7 +273,14 @@ fn shift_crop(image: &[u8], shape: Shape, dy: isize, dx: isize, mirror: bool) ->
 }
 
 /// Copies the `window` at (`top`, `left`), optionally mirrored.
-fn window_crop(image: &[u8], shape: Shape, window: Shape, top: usize, left: usize, mirror: bool) -> Vec<u8> {
+fn window_crop(
+    image: &[u8],
+    shape: Shape,
+    window: Shape,
+    top: usize,
+    left: usize,
+    mirror: bool,
+) -> Vec<u8> {
     let channels = shape.channels;
     let mut out = Vec::with_capacity(window.height * window.width * channels);
     for y in 0..window.height {
@@ -312,7 +324,14 @@ fn crop_labels(
 ///
 /// NOTE: there is no low-pass filter before downscaling, so shrinking by more
 /// than 2x aliases slightly, unlike area or antialiased resizing.
-fn resample(image: &[u8], shape: Shape, region: [f32; 4], out_h: usize, out_w: usize, mirror: bool) -> Vec<u8> {
+fn resample(
+    image: &[u8],
+    shape: Shape,
+    region: [f32; 4],
+    out_h: usize,
+    out_w: usize,
+    mirror: bool,
+) -> Vec<u8> {
     let Shape {
         height,
         width,
@@ -321,7 +340,8 @@ fn resample(image: &[u8], shape: Shape, region: [f32; 4], out_h: usize, out_w: u
     let [top, left, region_h, region_w] = region;
     let mut out = Vec::with_capacity(out_h * out_w * channels);
     for y in 0..out_h {
-        let sy = (top + (y as f32 + 0.5) * region_h / out_h as f32 - 0.5).clamp(0.0, (height - 1) as f32);
+        let sy = (top + (y as f32 + 0.5) * region_h / out_h as f32 - 0.5)
+            .clamp(0.0, (height - 1) as f32);
         let y0 = sy.floor() as usize;
         let y1 = (y0 + 1).min(height - 1);
         let fy = sy - y0 as f32;
@@ -367,9 +387,15 @@ fn gaussian_blur(image: &[u8], shape: Shape, sigma: f32) -> Vec<u8> {
                     for (k, weight) in kernel.iter().enumerate() {
                         let offset = k as isize - radius;
                         let (yy, xx) = if horizontal {
-                            (y, (x as isize + offset).clamp(0, width as isize - 1) as usize)
+                            (
+                                y,
+                                (x as isize + offset).clamp(0, width as isize - 1) as usize,
+                            )
                         } else {
-                            ((y as isize + offset).clamp(0, height as isize - 1) as usize, x)
+                            (
+                                (y as isize + offset).clamp(0, height as isize - 1) as usize,
+                                x,
+                            )
                         };
                         sum += weight * input[(yy * width + xx) * channels + c];
                     }
@@ -381,7 +407,10 @@ fn gaussian_blur(image: &[u8], shape: Shape, sigma: f32) -> Vec<u8> {
     };
     let values: Vec<f32> = image.iter().map(|&v| v as f32).collect();
     let blurred = pass(&pass(&values, true), false);
-    blurred.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect()
+    blurred
+        .iter()
+        .map(|v| v.round().clamp(0.0, 255.0) as u8)
+        .collect()
 }
 
 #[cfg(test)]

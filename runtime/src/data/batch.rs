@@ -126,7 +126,11 @@ pub(crate) fn write_sample(
     match (&sample.labels, class) {
         (Some(map), _) => {
             for (out, &label) in labels_out.iter_mut().zip(map) {
-                *out = if label == u32::MAX { fill_label } else { label as f32 };
+                *out = if label == u32::MAX {
+                    fill_label
+                } else {
+                    label as f32
+                };
             }
         }
         (None, Some(class)) => labels_out[0] = class as f32,
@@ -177,7 +181,11 @@ impl<'a> Batcher<'a> {
         };
         let (height, width) = self.config.augment.output_size(split.height, split.width);
         let image_len = height * width * split.channels;
-        let label_len = if split.is_segmentation() { height * width } else { 1 };
+        let label_len = if split.is_segmentation() {
+            height * width
+        } else {
+            1
+        };
         let fill_label = self.config.ignore_label.map_or(-1.0, |l| l as f32);
 
         let mut images = vec![0f32; indices.len() * image_len];
@@ -189,9 +197,17 @@ impl<'a> Batcher<'a> {
             .for_each(|((image_out, labels_out), &index)| {
                 let mut rng = sample_rng(self.config.seed, self.epoch as u64, index as u64);
                 let label_map = split.is_segmentation().then(|| split.label(index));
-                let sample = apply(&self.config.augment, split.image(index), label_map, shape, &mut rng);
+                let sample = apply(
+                    &self.config.augment,
+                    split.image(index),
+                    label_map,
+                    shape,
+                    &mut rng,
+                );
                 let class = (!split.is_segmentation()).then(|| split.labels[index]);
-                write_sample(&sample, class, &self.norm, fill_label, image_out, labels_out);
+                write_sample(
+                    &sample, class, &self.norm, fill_label, image_out, labels_out,
+                );
             });
 
         Batch {
@@ -240,7 +256,8 @@ mod tests {
     fn eval_batches_in_order() {
         let split = split();
         let config = BatchConfig::eval(4);
-        let batches: Vec<Batch> = Batcher::new(&split, &Normalization::unit(1), &config, 0).collect();
+        let batches: Vec<Batch> =
+            Batcher::new(&split, &Normalization::unit(1), &config, 0).collect();
         assert_eq!(batches.len(), 3);
         assert_eq!(batches[2].len, 2);
         assert_eq!(batches[0].labels, vec![0.0, 1.0, 2.0, 3.0]);

@@ -38,7 +38,14 @@ pub fn load_camvid(dir: &Path) -> Result<Dataset> {
     require_files(
         "camvid",
         dir,
-        &["train", "trainannot", "val", "valannot", "test", "testannot"],
+        &[
+            "train",
+            "trainannot",
+            "val",
+            "valannot",
+            "test",
+            "testannot",
+        ],
     )?;
     let train = read_split(dir, "train")?;
     let val = read_split(dir, "val")?;
@@ -46,7 +53,10 @@ pub fn load_camvid(dir: &Path) -> Result<Dataset> {
 
     let names = CAMVID_CLASSES.iter().map(|name| name.to_string()).collect();
     let mut dataset = Dataset::new("camvid", train, test, names);
-    dataset.class_weights = Some(median_frequency_weights(&dataset.train, CAMVID_CLASSES.len()));
+    dataset.class_weights = Some(median_frequency_weights(
+        &dataset.train,
+        CAMVID_CLASSES.len(),
+    ));
     dataset.val = Some(val);
     dataset.ignore_label = Some(CAMVID_VOID);
     Ok(dataset)
@@ -79,7 +89,8 @@ fn read_split(dir: &Path, split: &str) -> Result<Split> {
     let items: Vec<(image::RgbImage, Vec<u32>, PathBuf)> = files
         .par_iter()
         .map(|image_path| {
-            let label_path = label_dir.join(image_path.file_name().expect("listed files have names"));
+            let label_path =
+                label_dir.join(image_path.file_name().expect("listed files have names"));
             if !label_path.is_file() {
                 return Err(DataError::MissingFiles {
                     dataset: "camvid".into(),
@@ -174,7 +185,7 @@ pub fn median_frequency_weights(split: &Split, classes: usize) -> Vec<f32> {
     }
     present.sort_by(f64::total_cmp);
     let middle = present.len() / 2;
-    let median = if present.len() % 2 == 0 {
+    let median = if present.len() & 1 == 0 {
         (present[middle - 1] + present[middle]) / 2.0
     } else {
         present[middle]

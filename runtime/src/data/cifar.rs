@@ -119,7 +119,10 @@ fn find_files(release: &Release, path: &Path) -> Result<Files> {
     let mut folders = vec![path.to_path_buf()];
     folders.extend(release.folders.iter().map(|folder| path.join(folder)));
     for folder in &folders {
-        for (names, binary) in [(release.binary_files(), true), (release.python_files(), false)] {
+        for (names, binary) in [
+            (release.binary_files(), true),
+            (release.python_files(), false),
+        ] {
             if names.iter().all(|name| folder.join(name).is_file()) {
                 return read_folder(folder, &names, binary);
             }
@@ -174,7 +177,11 @@ fn read_archive(release: &Release, archive: &Path) -> Result<Files> {
     for entry in tar.entries().map_err(tar_error)? {
         let mut entry = entry.map_err(tar_error)?;
         let entry_path = entry.path().map_err(tar_error)?.into_owned();
-        let Some(name) = entry_path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+        let Some(name) = entry_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+        else {
             continue;
         };
         if !wanted.contains(&name.as_str()) {
@@ -185,7 +192,10 @@ fn read_archive(release: &Release, archive: &Path) -> Result<Files> {
         contents.insert(name, bytes);
     }
 
-    for (names, binary) in [(release.binary_files(), true), (release.python_files(), false)] {
+    for (names, binary) in [
+        (release.binary_files(), true),
+        (release.python_files(), false),
+    ] {
         if names.iter().all(|name| contents.contains_key(*name)) {
             return Ok(Files {
                 origin: archive.to_path_buf(),
@@ -224,7 +234,7 @@ struct Batch {
 
 fn parse_binary(path: &Path, bytes: &[u8], label_bytes: usize, classes: &[usize]) -> Result<Batch> {
     let record = label_bytes + IMAGE_BYTES;
-    if bytes.is_empty() || bytes.len() % record != 0 {
+    if bytes.is_empty() || bytes.len() / record * record != bytes.len() {
         return Err(DataError::Truncated {
             path: path.to_path_buf(),
             what: format!("whole records of {record} bytes"),
@@ -285,7 +295,10 @@ fn parse_python(path: &Path, bytes: &[u8], keys: &[&str], classes: &[usize]) -> 
             .and_then(Value::as_items)
             .ok_or_else(|| invalid(format!("no `{key}` list in the pickled dict")))?;
         if items.len() != count {
-            return Err(invalid(format!("`{key}` has {} labels for {count} images", items.len())));
+            return Err(invalid(format!(
+                "`{key}` has {} labels for {count} images",
+                items.len()
+            )));
         }
         let mut list = Vec::with_capacity(count);
         for (index, item) in items.iter().enumerate() {
@@ -325,7 +338,9 @@ fn read_split(files: &Files, names: &[&str], cifar100: bool, label_kind: usize) 
             (true, false) => parse_binary(&path, bytes, 1, &[10])?,
             (true, true) => parse_binary(&path, bytes, 2, &[20, 100])?,
             (false, false) => parse_python(&path, bytes, &["labels"], &[10])?,
-            (false, true) => parse_python(&path, bytes, &["coarse_labels", "fine_labels"], &[20, 100])?,
+            (false, true) => {
+                parse_python(&path, bytes, &["coarse_labels", "fine_labels"], &[20, 100])?
+            }
         };
         split.len += batch.labels[label_kind].len();
         split.images.extend_from_slice(&batch.images);
@@ -344,7 +359,10 @@ pub fn load_cifar10(path: &Path) -> Result<Dataset> {
     };
     let train = read_split(&files, train_names, false, 0)?;
     let test = read_split(&files, &[test_name], false, 0)?;
-    let names = CIFAR10_CLASSES.iter().map(|name| name.to_string()).collect();
+    let names = CIFAR10_CLASSES
+        .iter()
+        .map(|name| name.to_string())
+        .collect();
     Ok(Dataset::new("cifar10", train, test, names))
 }
 
@@ -361,7 +379,11 @@ pub fn load_cifar100(path: &Path, coarse: bool) -> Result<Dataset> {
     let train = read_split(&files, train_names, true, kind)?;
     let test = read_split(&files, &[test_name], true, kind)?;
     let names = cifar100_names(&files, coarse);
-    let name = if coarse { "cifar100-coarse" } else { "cifar100" };
+    let name = if coarse {
+        "cifar100-coarse"
+    } else {
+        "cifar100"
+    };
     Ok(Dataset::new(name, train, test, names))
 }
 

@@ -100,7 +100,11 @@ impl DataError {
     }
 
     /// Builds a format error for `path`.
-    pub fn format(path: impl Into<PathBuf>, format: &'static str, reason: impl Into<String>) -> Self {
+    pub fn format(
+        path: impl Into<PathBuf>,
+        format: &'static str,
+        reason: impl Into<String>,
+    ) -> Self {
         DataError::Format {
             path: path.into(),
             format,

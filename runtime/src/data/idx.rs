@@ -65,14 +65,20 @@ fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
         return Err(DataError::format(
             path,
             "IDX",
-            format!("magic number starts with {:02x} {:02x}, expected 00 00", bytes[0], bytes[1]),
+            format!(
+                "magic number starts with {:02x} {:02x}, expected 00 00",
+                bytes[0], bytes[1]
+            ),
         ));
     }
     if bytes[2] != 0x08 {
         return Err(DataError::format(
             path,
             "IDX",
-            format!("element type 0x{:02x}, expected 0x08 (unsigned byte)", bytes[2]),
+            format!(
+                "element type 0x{:02x}, expected 0x08 (unsigned byte)",
+                bytes[2]
+            ),
         ));
     }
 
@@ -93,7 +99,10 @@ fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
         return Err(DataError::format(
             path,
             "IDX",
-            format!("{} bytes after the {dims:?} elements", bytes.len() - header - count),
+            format!(
+                "{} bytes after the {dims:?} elements",
+                bytes.len() - header - count
+            ),
         ));
     }
     Ok(IdxArray {
@@ -133,7 +142,10 @@ fn read_pair(dir: &Path, images: &str, labels: &str) -> Result<Split> {
         return Err(DataError::format(
             &images_path,
             "IDX",
-            format!("{} dimensions, expected 3 (count, rows, columns)", images.dims.len()),
+            format!(
+                "{} dimensions, expected 3 (count, rows, columns)",
+                images.dims.len()
+            ),
         ));
     }
     if labels.dims.len() != 1 || labels.dims[0] != images.dims[0] {
@@ -170,7 +182,10 @@ fn read_pair(dir: &Path, images: &str, labels: &str) -> Result<Split> {
 pub fn load_fashion_mnist(dir: &Path) -> Result<Dataset> {
     let train = read_pair(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte")?;
     let test = read_pair(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
-    let names = FASHION_MNIST_CLASSES.iter().map(|name| name.to_string()).collect();
+    let names = FASHION_MNIST_CLASSES
+        .iter()
+        .map(|name| name.to_string())
+        .collect();
     Ok(Dataset::new("fashion-mnist", train, test, names))
 }
 

@@ -46,7 +46,9 @@ pub fn decode_image_file(path: &Path) -> Result<image::DynamicImage> {
 
 fn is_image_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    [".jpeg", ".jpg", ".png"].iter().any(|ext| lower.ends_with(ext))
+    [".jpeg", ".jpg", ".png"]
+        .iter()
+        .any(|ext| lower.ends_with(ext))
 }
 
 fn subfolders(dir: &Path) -> Vec<String> {
@@ -116,24 +118,38 @@ pub fn open_imagenet(dir: &Path) -> Result<FileDataset> {
     })
 }
 
-fn list_flat_val(dir: &Path, val_dir: &Path, classes: &HashMap<String, u32>) -> Result<Vec<(PathBuf, u32)>> {
-    let files: Vec<String> = list_dir(val_dir).into_iter().filter(|n| is_image_name(n)).collect();
+fn list_flat_val(
+    dir: &Path,
+    val_dir: &Path,
+    classes: &HashMap<String, u32>,
+) -> Result<Vec<(PathBuf, u32)>> {
+    let files: Vec<String> = list_dir(val_dir)
+        .into_iter()
+        .filter(|n| is_image_name(n))
+        .collect();
     let labels = read_val_labels(dir, val_dir, classes)?;
 
     let mut out = Vec::with_capacity(files.len());
     for file in files {
         let stem = file.split('.').next().unwrap_or(&file).to_string();
-        let label = labels.get(&stem).copied().ok_or_else(|| DataError::Mismatch {
-            path: val_dir.join(&file),
-            reason: "the ground-truth file has no label for this image".into(),
-        })?;
+        let label = labels
+            .get(&stem)
+            .copied()
+            .ok_or_else(|| DataError::Mismatch {
+                path: val_dir.join(&file),
+                reason: "the ground-truth file has no label for this image".into(),
+            })?;
         out.push((val_dir.join(file), label));
     }
     Ok(out)
 }
 
 /// Reads validation labels keyed by file stem from the first ground-truth source found.
-fn read_val_labels(dir: &Path, val_dir: &Path, classes: &HashMap<String, u32>) -> Result<HashMap<String, u32>> {
+fn read_val_labels(
+    dir: &Path,
+    val_dir: &Path,
+    classes: &HashMap<String, u32>,
+) -> Result<HashMap<String, u32>> {
     let devkit = [dir.join(DEVKIT_DATA), dir.to_path_buf()]
         .into_iter()
         .find(|d| d.join(GROUND_TRUTH).is_file() && d.join("meta.mat").is_file());
@@ -166,7 +182,10 @@ fn read_text(path: &Path) -> Result<String> {
         .map_err(|_| DataError::format(path, "text", "the file is not UTF-8"))
 }
 
-fn read_devkit_labels(devkit: &Path, classes: &HashMap<String, u32>) -> Result<HashMap<String, u32>> {
+fn read_devkit_labels(
+    devkit: &Path,
+    classes: &HashMap<String, u32>,
+) -> Result<HashMap<String, u32>> {
     let meta_path = devkit.join("meta.mat");
     let arrays = read_mat(&meta_path)?;
     let synsets = find_variable(&arrays, "synsets", &meta_path)?;
@@ -216,10 +235,17 @@ fn read_kaggle_labels(csv: &Path, classes: &HashMap<String, u32>) -> Result<Hash
     let mut labels = HashMap::new();
     for (line_index, line) in read_text(csv)?.lines().enumerate().skip(1) {
         let invalid = |reason: &str| {
-            DataError::format(csv, "LOC_val_solution.csv", format!("line {}: {reason}", line_index + 1))
+            DataError::format(
+                csv,
+                "LOC_val_solution.csv",
+                format!("line {}: {reason}", line_index + 1),
+            )
         };
         let (image_id, prediction) = line.split_once(',').ok_or_else(|| invalid("no comma"))?;
-        let wnid = prediction.split_whitespace().next().ok_or_else(|| invalid("no WordNet id"))?;
+        let wnid = prediction
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| invalid("no WordNet id"))?;
         let label = *classes
             .get(wnid)
             .ok_or_else(|| invalid(&format!("WordNet id `{wnid}` is not a train/ class folder")))?;

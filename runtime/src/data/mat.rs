@@ -176,14 +176,17 @@ pub fn read_mat(path: &Path) -> Result<Vec<MatArray>> {
 
 /// Finds variable `name`, or says which variables the file has.
 pub fn find_variable<'a>(arrays: &'a [MatArray], name: &str, path: &Path) -> Result<&'a MatArray> {
-    arrays.iter().find(|array| array.name == name).ok_or_else(|| {
-        let names: Vec<&str> = arrays.iter().map(|a| a.name.as_str()).collect();
-        DataError::format(
-            path,
-            "MAT",
-            format!("no variable `{name}`; the file has {names:?}"),
-        )
-    })
+    arrays
+        .iter()
+        .find(|array| array.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = arrays.iter().map(|a| a.name.as_str()).collect();
+            DataError::format(
+                path,
+                "MAT",
+                format!("no variable `{name}`; the file has {names:?}"),
+            )
+        })
 }
 
 fn padding(size: usize) -> usize {
@@ -267,7 +270,9 @@ impl Context {
     fn read_bytes(&self, reader: &mut dyn Read, size: usize, what: &str) -> Result<Vec<u8>> {
         let mut data = Vec::new();
         data.try_reserve_exact(size).map_err(|_| {
-            self.invalid(format!("{what} claims {size} bytes, more than memory allows"))
+            self.invalid(format!(
+                "{what} claims {size} bytes, more than memory allows"
+            ))
         })?;
         let read = reader
             .take(size as u64)
@@ -407,7 +412,9 @@ impl Context {
                     .collect();
                 Ok(String::from_utf16_lossy(&units))
             }
-            other => Err(self.invalid(format!("char data of type {other}, expected miUINT16 or miUTF8"))),
+            other => Err(self.invalid(format!(
+                "char data of type {other}, expected miUINT16 or miUTF8"
+            ))),
         }
     }
 
@@ -526,7 +533,9 @@ pub mod write {
             if compress {
                 let mut encoder =
                     flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-                encoder.write_all(&encoded).expect("writing to a Vec cannot fail");
+                encoder
+                    .write_all(&encoded)
+                    .expect("writing to a Vec cannot fail");
                 let compressed = encoder.finish().expect("writing to a Vec cannot fail");
                 out.extend_from_slice(&MI_COMPRESSED.to_le_bytes());
                 out.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
@@ -594,7 +603,10 @@ mod tests {
             let arrays = read_mat(&path).expect("valid MAT-file");
             assert_eq!(arrays, sample_arrays(), "compress = {compress}");
             let synsets = find_variable(&arrays, "synsets", &path).expect("synsets");
-            assert_eq!(synsets.field(1, "WNID").and_then(MatArray::text), Some("n0000002"));
+            assert_eq!(
+                synsets.field(1, "WNID").and_then(MatArray::text),
+                Some("n0000002")
+            );
         }
     }
 

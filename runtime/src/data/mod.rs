@@ -45,13 +45,13 @@ pub use error::{DataError, Result};
 pub use idx::{encode_idx, load_fashion_mnist, read_idx, IdxArray, FASHION_MNIST_CLASSES};
 pub use imagenet::{decode_image_file, open_imagenet, IMAGENET_MEAN, IMAGENET_STD};
 pub use prefetch::Prefetcher;
-pub use svhn::read_svhn_file;
 pub use sheet::{contact_sheet, draw_number, DIGIT_HEIGHT, DIGIT_WIDTH};
 pub use spec::{
     bundled_fashion_mnist_candidates, DataSpec, DatasetKind, BUNDLED_FASHION_MNIST,
     DEBIAN_FASHION_MNIST,
 };
 pub use svhn::load_svhn;
+pub use svhn::read_svhn_file;
 
 /// One split of an in-memory dataset.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,6 +185,8 @@ impl FileDataset {
 }
 
 /// A dataset opened by [`open`]: in memory or streamed from files.
+// One value exists per run, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
     Memory(Dataset),
@@ -313,7 +315,8 @@ mod tests {
     fn missing_files_lists_both_sides() {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("other.bin"), b"x").expect("write");
-        let error = require_files("cifar10", dir.path(), &["data_batch_1.bin"]).expect_err("missing");
+        let error =
+            require_files("cifar10", dir.path(), &["data_batch_1.bin"]).expect_err("missing");
         let message = error.to_string();
         assert!(message.contains("data_batch_1.bin"), "{message}");
         assert!(message.contains("other.bin"), "{message}");

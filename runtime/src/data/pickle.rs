@@ -171,7 +171,9 @@ impl<'a> Parser<'a> {
 
     fn u64(&mut self) -> Result<u64> {
         let b = self.take(8)?;
-        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes were taken")))
+        Ok(u64::from_le_bytes(
+            b.try_into().expect("8 bytes were taken"),
+        ))
     }
 
     fn line(&mut self) -> Result<String> {
@@ -186,11 +188,16 @@ impl<'a> Parser<'a> {
     }
 
     fn pop(&mut self) -> Result<Value> {
-        self.stack.pop().ok_or_else(|| self.error("stack underflow"))
+        self.stack
+            .pop()
+            .ok_or_else(|| self.error("stack underflow"))
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Value>> {
-        let mark = self.marks.pop().ok_or_else(|| self.error("no MARK on the stack"))?;
+        let mark = self
+            .marks
+            .pop()
+            .ok_or_else(|| self.error("no MARK on the stack"))?;
         if mark > self.stack.len() {
             return Err(self.error("MARK above the stack top"));
         }
@@ -220,7 +227,10 @@ impl<'a> Parser<'a> {
     }
 
     fn memoize(&mut self, key: u64) -> Result<()> {
-        let value = self.stack.last().ok_or_else(|| self.error("PUT on an empty stack"))?;
+        let value = self
+            .stack
+            .last()
+            .ok_or_else(|| self.error("PUT on an empty stack"))?;
         self.memo.insert(key, value.clone());
         Ok(())
     }
@@ -246,7 +256,7 @@ impl<'a> Parser<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if items.len() & 1 == 1 {
             return Err(self.error("SETITEMS with an odd number of values"));
         }
         let mut pairs = Vec::with_capacity(items.len() / 2);
@@ -308,7 +318,8 @@ impl<'a> Parser<'a> {
                 }
                 b'M' => {
                     let b = self.take(2)?;
-                    self.stack.push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64));
+                    self.stack
+                        .push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64));
                 }
                 b'J' => {
                     let value = self.u32()? as i32;
@@ -407,8 +418,14 @@ impl<'a> Parser<'a> {
                     self.stack.push(Value::Global { module, name });
                 }
                 0x93 => {
-                    let name = self.pop()?.as_text().ok_or_else(|| self.error("bad name"))?;
-                    let module = self.pop()?.as_text().ok_or_else(|| self.error("bad module"))?;
+                    let name = self
+                        .pop()?
+                        .as_text()
+                        .ok_or_else(|| self.error("bad name"))?;
+                    let module = self
+                        .pop()?
+                        .as_text()
+                        .ok_or_else(|| self.error("bad module"))?;
                     self.stack.push(Value::Global { module, name });
                 }
                 b'R' | 0x81 => {
@@ -564,7 +581,10 @@ mod tests {
         out.extend_from_slice(b"u.");
 
         let value = parse(&out, Path::new("batch")).expect("valid pickle");
-        let (shape, dtype, data) = value.get("data").and_then(Value::as_ndarray).expect("array");
+        let (shape, dtype, data) = value
+            .get("data")
+            .and_then(Value::as_ndarray)
+            .expect("array");
         assert_eq!(shape, vec![2, 3]);
         assert_eq!(dtype, "u1");
         assert_eq!(data, &[1, 2, 3, 4, 5, 6]);

@@ -100,15 +100,22 @@ impl Prefetcher {
 fn run_worker(shared: &Shared, sender: &Sender<(usize, Result<Batch>)>) {
     loop {
         let claimed = {
-            let mut window = shared.window.lock().expect("no thread panics holding the window");
+            let mut window = shared
+                .window
+                .lock()
+                .expect("no thread panics holding the window");
             loop {
-                if shared.stop.load(Ordering::Relaxed) || window.next_claim >= shared.batches.len() {
+                if shared.stop.load(Ordering::Relaxed) || window.next_claim >= shared.batches.len()
+                {
                     return;
                 }
                 if window.next_claim < window.consumed + shared.depth {
                     break;
                 }
-                window = shared.wake.wait(window).expect("no thread panics holding the window");
+                window = shared
+                    .wake
+                    .wait(window)
+                    .expect("no thread panics holding the window");
             }
             window.next_claim += 1;
             window.next_claim - 1
@@ -136,7 +143,13 @@ fn build_batch(shared: &Shared, indices: &[usize]) -> Result<Batch> {
             channels,
         };
         let mut rng = sample_rng(shared.config.seed, shared.epoch as u64, index as u64);
-        let sample = apply(&shared.config.augment, image.as_raw(), None, shape, &mut rng);
+        let sample = apply(
+            &shared.config.augment,
+            image.as_raw(),
+            None,
+            shape,
+            &mut rng,
+        );
 
         let (height, width) = *size.get_or_insert((sample.height, sample.width));
         if (sample.height, sample.width) != (height, width) {
@@ -183,7 +196,11 @@ impl Iterator for Prefetcher {
         loop {
             if let Some(batch) = self.pending.remove(&self.next) {
                 self.next += 1;
-                let mut window = self.shared.window.lock().expect("no thread panics holding the window");
+                let mut window = self
+                    .shared
+                    .window
+                    .lock()
+                    .expect("no thread panics holding the window");
                 window.consumed = self.next;
                 self.shared.wake.notify_all();
                 return Some(batch);

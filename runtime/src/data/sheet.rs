@@ -56,11 +56,15 @@ pub fn contact_sheet(split: &Split, indices: &[usize], columns: usize, scale: u3
     let scale = scale.max(1);
     let columns = columns.clamp(1, indices.len().max(1)) as u32;
     let rows = indices.len().div_ceil(columns as usize).max(1) as u32;
-    let font_scale = (scale + 1) / 2;
+    let font_scale = scale.div_ceil(2);
     let margin = 2 * font_scale;
     let tile_w = split.width as u32 * scale + margin;
     let tile_h = split.height as u32 * scale + DIGIT_HEIGHT * font_scale + 2 * margin;
-    let mut canvas = RgbImage::from_pixel(columns * tile_w + margin, rows * tile_h + margin, Rgb([40, 40, 40]));
+    let mut canvas = RgbImage::from_pixel(
+        columns * tile_w + margin,
+        rows * tile_h + margin,
+        Rgb([40, 40, 40]),
+    );
 
     for (slot, &index) in indices.iter().enumerate() {
         let left = margin + (slot as u32 % columns) * tile_w;
@@ -68,7 +72,8 @@ pub fn contact_sheet(split: &Split, indices: &[usize], columns: usize, scale: u3
         let pixels = split.image(index);
         for y in 0..split.height as u32 * scale {
             for x in 0..split.width as u32 * scale {
-                let offset = ((y / scale) as usize * split.width + (x / scale) as usize) * split.channels;
+                let offset =
+                    ((y / scale) as usize * split.width + (x / scale) as usize) * split.channels;
                 let color = match split.channels {
                     1 => Rgb([pixels[offset]; 3]),
                     _ => Rgb([pixels[offset], pixels[offset + 1], pixels[offset + 2]]),
@@ -78,7 +83,14 @@ pub fn contact_sheet(split: &Split, indices: &[usize], columns: usize, scale: u3
         }
         if !split.is_segmentation() {
             let label_top = top + split.height as u32 * scale + margin / 2;
-            draw_number(&mut canvas, split.labels[index], left, label_top, font_scale, Rgb([255, 220, 0]));
+            draw_number(
+                &mut canvas,
+                split.labels[index],
+                left,
+                label_top,
+                font_scale,
+                Rgb([255, 220, 0]),
+            );
         }
     }
     canvas

@@ -117,7 +117,11 @@ pub fn bundled_fashion_mnist_candidates() -> Vec<PathBuf> {
             candidates.push(ancestor.join(BUNDLED_FASHION_MNIST));
         }
     }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(BUNDLED_FASHION_MNIST));
+    candidates.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(BUNDLED_FASHION_MNIST),
+    );
     candidates
 }
 

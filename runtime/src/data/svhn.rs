@@ -58,9 +58,16 @@ pub fn read_svhn_file(path: &Path) -> Result<Split> {
 
     let mut pixels = match images.data {
         MatData::U8(bytes) => bytes,
-        MatData::Numeric(values) => values.into_iter().map(|v| v.clamp(0.0, 255.0) as u8).collect(),
+        MatData::Numeric(values) => values
+            .into_iter()
+            .map(|v| v.clamp(0.0, 255.0) as u8)
+            .collect(),
         _ => {
-            return Err(DataError::format(path, "SVHN", "`X` is not a numeric array"));
+            return Err(DataError::format(
+                path,
+                "SVHN",
+                "`X` is not a numeric array",
+            ));
         }
     };
     column_major_to_hwc(&mut pixels);
