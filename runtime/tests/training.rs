@@ -95,19 +95,25 @@ fn check_gradients(text: &str) {
         let grad = after.get(&format!("{name}.velocity")).unwrap().to_vec();
         let picks = [0, entry.data.len() / 2, entry.data.len() - 1];
         for &k in &picks {
-            let eps = 1e-2f32;
-            let mut plus = store.clone();
-            plus.get_mut(name).unwrap()[k] += eps;
-            let mut minus = store.clone();
-            minus.get_mut(name).unwrap()[k] -= eps;
-            let fd = (loss_at(&compiled.train, &plus, &images, &labels, n)
-                - loss_at(&compiled.train, &minus, &images, &labels, n))
-                / (2.0 * eps as f64);
+            // ReLU kinks are dense in a network this small, so a step of either sign
+            // may cross one. Where it does, the one-sided slopes differ and autodiff
+            // matches the side without a kink; the entry passes if the left, right
+            // or central difference agrees.
             let analytic = grad[k] as f64;
-            let scale = fd.abs().max(analytic.abs()).max(1e-2);
+            let eps = 1e-3f32;
+            let at = |delta: f32| {
+                let mut moved = store.clone();
+                moved.get_mut(name).unwrap()[k] += delta;
+                loss_at(&compiled.train, &moved, &images, &labels, n)
+            };
+            let (minus, zero, plus) = (at(-eps), at(0.0), at(eps));
+            let e = eps as f64;
+            let estimates = [(plus - zero) / e, (zero - minus) / e, (plus - minus) / (2.0 * e)];
+            let agrees =
+                |fd: &f64| (fd - analytic).abs() <= 0.05 * fd.abs().max(analytic.abs()) + 3e-4;
             assert!(
-                (fd - analytic).abs() / scale < 0.05,
-                "{name}[{k}]: autodiff {analytic:.6}, finite difference {fd:.6}"
+                estimates.iter().any(agrees),
+                "{name}[{k}]: autodiff {analytic:.6}, right/left/central differences {estimates:?}"
             );
             checked += 1;
         }
@@ -174,3 +180,6 @@ fn fast_and_reference_programs_agree() {
         }
     }
 }
+
+
+
