@@ -25,13 +25,18 @@
 //!   pooling. After each up block, every layer that a later reader needs at a finer
 //!   level than any copy it has gets BN-ReLU and a channel-preserving 3x3
 //!   transposed conv of stride 2, cropped to the finer size. A layer created on the
-//!   way down keeps its pooled copies, so the up path reuses them.
+//!   way down keeps its pooled copies, so the up path reuses them. The authors'
+//!   TensorFlow code (EchoWho/AnytimeNeuralNetwork_public, `anytime_fcn.py`)
+//!   makes the same choice of layers, but resizes the transposed-conv output
+//!   bilinearly where this IR crops it.
 //!
 //! Heads are BN-ReLU-1x1 conv to the classes (the FC-DenseNet final head has no
 //! BN-ReLU, as in the Tiramisu code). A head reads the block's last layer and that
 //! layer's inputs, as classification heads do. With deep supervision an auxiliary
 //! head sits at the end of each block whose resolution is the input's, which for
-//! the usual 11-block network means the first block only.
+//! the usual 11-block network means the first block only. The authors' code puts
+//! a head at every block end and compares coarse logits with average-pooled
+//! one-hot labels, which the IR's integer-label loss cannot express.
 //!
 //! NOTE: the IR has no bias for convolutions, so the transposed convs and the final
 //! 1x1 conv are bias-free here, whereas the Tiramisu code gives them biases.
@@ -128,7 +133,7 @@ impl Layout {
     /// full-resolution blocks get one, because the IR has no op that resizes
     /// logits or labels.
     fn has_aux_head(&self, b: &Builder, block: usize) -> bool {
-        // TODO: heads at coarser blocks need a resize op for logits or labels.
+        // TODO: heads at coarser blocks need pooled soft labels or a resize op.
         b.spec.deep_supervision && block + 1 < self.blocks() && self.level(block) == 0
     }
 }
