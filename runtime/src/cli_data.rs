@@ -64,7 +64,7 @@ struct Report {
     splits: Vec<SplitReport>,
     mean: Vec<f32>,
     std: Vec<f32>,
-    /// Where the statistics come from: the train split, or published constants.
+    /// The source of the statistics: the train split, or published constants.
     stats_source: String,
     ignore_label: Option<u32>,
     class_weights: Option<Vec<f32>>,

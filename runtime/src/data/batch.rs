@@ -27,7 +27,7 @@ impl Normalization {
     }
 }
 
-/// How an epoch is cut into batches.
+/// Settings that cut an epoch into batches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchConfig {
     pub batch_size: usize,

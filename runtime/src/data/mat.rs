@@ -174,7 +174,7 @@ pub fn read_mat(path: &Path) -> Result<Vec<MatArray>> {
     Ok(arrays)
 }
 
-/// Finds variable `name`, or says which variables the file has.
+/// Finds variable `name`, or returns an error that lists the variables the file has.
 pub fn find_variable<'a>(arrays: &'a [MatArray], name: &str, path: &Path) -> Result<&'a MatArray> {
     arrays
         .iter()
