@@ -1,7 +1,7 @@
 //! A multi-threaded prefetching loader for datasets streamed from image files.
 //!
 //! Worker threads claim batch numbers in order, decode and augment their
-//! images, and send the finished batch back; the iterator hands batches out
+//! images, and send the finished batch back. The iterator hands batches out
 //! in epoch order. A worker may claim batch `b` only while `b` is less than
 //! `depth` batches ahead of the consumer, so at most `depth` batches wait in
 //! memory. Samples use the same per-sample RNG as [`super::Batcher`], so the
