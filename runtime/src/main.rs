@@ -2,6 +2,7 @@
 //! RON files.
 
 mod cli;
+mod cli_data;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,8 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Evaluate a checkpoint on a dataset's test split.
     Eval(cli::train::EvalArgs),
+    /// Look at a dataset: split sizes, classes, statistics, undecodable files.
+    Data(cli_data::DataArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,10 +48,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let result = match &cli.command {
-        Command::Inspect(args) => cli::inspect::run(args),
-        Command::Train(args) => cli::train::run_train(args, cli.quiet),
-        Command::Eval(args) => cli::train::run_eval(args),
+    let result = match cli.command {
+        Command::Inspect(args) => cli::inspect::run(&args),
+        Command::Train(args) => cli::train::run_train(&args, cli.quiet),
+        Command::Eval(args) => cli::train::run_eval(&args),
+        Command::Data(args) => cli_data::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
