@@ -92,6 +92,42 @@ pub(crate) trait Kernels {
         dx: &mut [f32],
     );
     fn sum_batch(&self, x: &[f32], y: &mut [f32]);
+
+    fn concat_stats(&self, parts: &[&[f32]], channels: &[usize], stats: &mut [f32]);
+    fn bn_relu_conv(&self, shape: &ConvShape, input: &BnRelu, w: &[f32], y: &mut [f32]);
+    fn bn_relu_conv_backward_filter(
+        &self,
+        shape: &ConvShape,
+        input: &BnRelu,
+        dy: &[f32],
+        dw: &mut [f32],
+    );
+    fn bn_relu_backward(&self, input: &BnRelu, dz: &[f32], dx: &mut [f32]);
+    fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]);
+}
+
+/// The operands every fused BN-ReLU kernel reads: the inputs of a channel
+/// concatenation, each in its own buffer, and the batch norm of the whole
+/// concatenation. The kernels compute `z = relu(bn(concat(parts)))` where
+/// they need it.
+pub(crate) struct BnRelu<'a> {
+    /// Input `i` as a `[pixels, channels[i]]` matrix.
+    pub parts: Vec<&'a [f32]>,
+    pub channels: Vec<usize>,
+    /// Pixels over the whole batch (`n * h * w`), the rows of every part.
+    pub pixels: usize,
+    /// `[2, C]` mean and biased variance of the concatenation per channel.
+    pub stats: &'a [f32],
+    /// `[2, C]` gamma and beta.
+    pub affine: &'a [f32],
+    pub eps: f32,
+}
+
+impl BnRelu<'_> {
+    /// Channels of the concatenation.
+    pub fn width(&self) -> usize {
+        self.channels.iter().sum()
+    }
 }
 
 /// Returns `Invalid` with `message` unless `ok`.
@@ -308,9 +344,102 @@ pub(crate) fn compute<K: Kernels>(
             set.sum_batch(data(0), out);
         }
 
+        Op::ConcatStats
+        | Op::BnReluConv { .. }
+        | Op::BnReluConvBackwardFilter { .. }
+        | Op::BnReluBackward { .. }
+        | Op::BnReluAffineGrad { .. } => compute_fused(set, op, inputs, out, out_ty, n)?,
+
         // Leaves and updates are executed by the executor itself.
-        // TODO: the fused ops of the fusion pass (`BnReluConv` and its
-        // gradients, `ConcatStats`) have no kernel in either set yet.
+        _ => {
+            return Err(KernelError::Unsupported {
+                op: op.name(),
+                set: K::NAME,
+            })
+        }
+    }
+    Ok(())
+}
+
+/// Checks the operands `(x_1, .., x_m, stats, affine, last)` of a fused
+/// BN-ReLU op. Returns them with the `[h, w, C]` type of the concatenation.
+fn bn_relu_operands<'a>(
+    op: &Op,
+    inputs: &[In<'a>],
+    eps: f32,
+    n: usize,
+) -> Result<(BnRelu<'a>, TensorType), KernelError> {
+    // `check_operands` ran the shape rule, which requires m >= 1 batched
+    // inputs of one spatial size.
+    let m = inputs.len() - 3;
+    let (h, w, _) = hwc(op, inputs[0].ty)?;
+    let channels: Vec<usize> = inputs[..m].iter().map(|x| x.ty.channels()).collect();
+    let c: usize = channels.iter().sum();
+    check_rows(op, inputs[m].ty, c, "statistics")?;
+    check_rows(op, inputs[m + 1].ty, c, "affine")?;
+
+    let input = BnRelu {
+        parts: inputs[..m].iter().map(|x| x.data).collect(),
+        channels,
+        pixels: n * h * w,
+        stats: inputs[m].data,
+        affine: inputs[m + 1].data,
+        eps,
+    };
+    Ok((input, TensorType::batched(&[h, w, c])))
+}
+
+/// Checks the operands and runs the fused op `op` from set `K`.
+fn compute_fused<K: Kernels>(
+    set: &K,
+    op: &Op,
+    inputs: &[In],
+    out: &mut [f32],
+    out_ty: &TensorType,
+    n: usize,
+) -> Result<(), KernelError> {
+    let last = inputs.last().expect("the shape rule requires operands");
+    match op {
+        Op::ConcatStats => {
+            let parts: Vec<&[f32]> = inputs.iter().map(|x| x.data).collect();
+            let channels: Vec<usize> = inputs.iter().map(|x| x.ty.channels()).collect();
+            set.concat_stats(&parts, &channels, out);
+        }
+        Op::BnReluConv {
+            k,
+            stride,
+            pad,
+            eps,
+        } => {
+            let (input, concat) = bn_relu_operands(op, inputs, *eps, n)?;
+            let shape = ConvShape::conv(op, &concat, out_ty, (*k, *stride, *pad), n)?;
+            check_weight(op, last.ty, &shape)?;
+            set.bn_relu_conv(&shape, &input, last.data, out);
+        }
+        Op::BnReluConvBackwardFilter {
+            k,
+            stride,
+            pad,
+            eps,
+        } => {
+            let (input, concat) = bn_relu_operands(op, inputs, *eps, n)?;
+            let shape = ConvShape::conv(op, &concat, last.ty, (*k, *stride, *pad), n)?;
+            set.bn_relu_conv_backward_filter(&shape, &input, last.data, out);
+        }
+        Op::BnReluBackward { eps } | Op::BnReluAffineGrad { eps } => {
+            let (input, concat) = bn_relu_operands(op, inputs, *eps, n)?;
+            require(op, *last.ty == concat, || {
+                format!(
+                    "gradient {} differs from the concatenation {concat}",
+                    last.ty
+                )
+            })?;
+            if matches!(op, Op::BnReluBackward { .. }) {
+                set.bn_relu_backward(&input, last.data, out);
+            } else {
+                set.bn_relu_affine_grad(&input, last.data, out);
+            }
+        }
         _ => {
             return Err(KernelError::Unsupported {
                 op: op.name(),

@@ -9,13 +9,15 @@
 
 mod conv;
 mod dense;
+mod fused;
 mod matmul;
 mod norm;
 mod pool;
 
-use super::dispatch::{self, Kernels};
+use super::dispatch::{self, BnRelu, Kernels};
 use super::layout::{ConvShape, PoolShape};
 use super::reference::elementwise as ew;
+use super::reference::fused as reference_fused;
 use super::reference::LossSpec;
 use super::{Ctx, In, KernelError};
 use ldnc_ir::{Op, TensorType};
@@ -224,5 +226,28 @@ impl Kernels for Fast {
     fn sum_batch(&self, x: &[f32], y: &mut [f32]) {
         // Bias gradients are small (batch x units), so the serial loop is enough.
         ew::sum_batch(x, y)
+    }
+
+    fn concat_stats(&self, parts: &[&[f32]], channels: &[usize], stats: &mut [f32]) {
+        // A copy of 2 * C values, too small to split.
+        reference_fused::concat_stats(parts, channels, stats)
+    }
+    fn bn_relu_conv(&self, shape: &ConvShape, input: &BnRelu, w: &[f32], y: &mut [f32]) {
+        fused::bn_relu_conv(shape, input, w, y)
+    }
+    fn bn_relu_conv_backward_filter(
+        &self,
+        shape: &ConvShape,
+        input: &BnRelu,
+        dy: &[f32],
+        dw: &mut [f32],
+    ) {
+        fused::bn_relu_conv_backward_filter(shape, input, dy, dw)
+    }
+    fn bn_relu_backward(&self, input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
+        fused::bn_relu_backward(input, dz, dx)
+    }
+    fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
+        fused::bn_relu_affine_grad(input, dz, grad)
     }
 }

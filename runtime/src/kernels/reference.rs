@@ -5,12 +5,13 @@
 pub(crate) mod conv;
 pub(crate) mod dense;
 pub(crate) mod elementwise;
+pub(crate) mod fused;
 pub(crate) mod norm;
 pub(crate) mod pool;
 
 pub use dense::LossSpec;
 
-use super::dispatch::{self, Kernels};
+use super::dispatch::{self, BnRelu, Kernels};
 use super::layout::{ConvShape, PoolShape};
 use super::{Ctx, In, KernelError};
 use ldnc_ir::{Op, TensorType};
@@ -172,5 +173,27 @@ impl Kernels for Reference {
     }
     fn sum_batch(&self, x: &[f32], y: &mut [f32]) {
         elementwise::sum_batch(x, y)
+    }
+
+    fn concat_stats(&self, parts: &[&[f32]], channels: &[usize], stats: &mut [f32]) {
+        fused::concat_stats(parts, channels, stats)
+    }
+    fn bn_relu_conv(&self, shape: &ConvShape, input: &BnRelu, w: &[f32], y: &mut [f32]) {
+        fused::bn_relu_conv(shape, input, w, y)
+    }
+    fn bn_relu_conv_backward_filter(
+        &self,
+        shape: &ConvShape,
+        input: &BnRelu,
+        dy: &[f32],
+        dw: &mut [f32],
+    ) {
+        fused::bn_relu_conv_backward_filter(shape, input, dy, dw)
+    }
+    fn bn_relu_backward(&self, input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
+        fused::bn_relu_backward(input, dz, dx)
+    }
+    fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
+        fused::bn_relu_affine_grad(input, dz, grad)
     }
 }
