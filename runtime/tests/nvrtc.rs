@@ -283,3 +283,369 @@ fn compile_error_carries_log_and_options() {
         "options: {options:?}"
     );
 }
+
+/// The CUDA executor, compiled here so that it is type-checked in every test
+/// run; the `crate::` paths it uses resolve to the shims below.
+// NOTE: remove this module and the shims once `runtime/src/lib.rs` declares
+// `pub mod cuda_exec;`.
+#[path = "../src/cuda_exec.rs"]
+#[allow(dead_code)]
+mod cuda_exec;
+mod exec {
+    pub use ldnc_runtime::exec::StepParams;
+}
+mod store {
+    pub use ldnc_runtime::store::Store;
+}
+
+#[test]
+fn cuda_executor_without_driver_says_use_cpu() {
+    // SAFETY: `is_culib_present` only tries to `dlopen` the driver library.
+    let driver = unsafe { ldnc_codegen::cuda::cudarc::driver::sys::is_culib_present() };
+    if driver {
+        let _ = writeln!(
+            std::io::stderr(),
+            "\nSKIPPED cuda_executor_without_driver_says_use_cpu: a CUDA driver is present"
+        );
+        return;
+    }
+    let program = ldnc_ir::program::Program {
+        format_version: ldnc_ir::program::FORMAT_VERSION,
+        values: Vec::new(),
+        buffers: Vec::new(),
+        steps: Vec::new(),
+        image: 0,
+        label: 0,
+        loss: 0,
+        logits: Vec::new(),
+    };
+    let err = cuda_exec::CudaExecutor::new(program, 1)
+        .err()
+        .expect("no driver on this machine");
+    let text = err.to_string();
+    assert!(text.starts_with("no CUDA driver found: "), "{text}");
+    assert!(text.ends_with("; use --device cpu"), "{text}");
+}
+
+/// Loaded kernels by printed source.
+type Functions =
+    std::collections::HashMap<String, ldnc_codegen::cuda::cudarc::driver::CudaFunction>;
+
+/// Runs a lowered step on the GPU: uploads `inputs`, launches every kernel
+/// (compiling those not in `cache`) and returns the output and the operands
+/// after the step.
+fn gpu_run_step(
+    stream: &std::sync::Arc<ldnc_codegen::cuda::cudarc::driver::CudaStream>,
+    arch: Arch,
+    cache: &mut Functions,
+    step: &lower::LoweredStep,
+    inputs: &[Vec<f32>],
+    out_len: usize,
+    (n, seed, lr): (usize, u64, f32),
+) -> Result<(Vec<f32>, Vec<Vec<f32>>), String> {
+    use ldnc_codegen::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use ldnc_codegen::cuda::cudarc::nvrtc::Ptx;
+    use ldnc_codegen::cuda::interp::{launch_grid, Arg};
+    use lower::Binding;
+
+    let ctx = stream.context();
+    let text = |e: &dyn std::fmt::Display| e.to_string();
+    let upload = |v: &[f32]| {
+        let padded = if v.is_empty() { vec![0.0] } else { v.to_vec() };
+        stream.clone_htod(&padded).map_err(|e| text(&e))
+    };
+    let operands = inputs
+        .iter()
+        .map(|v| upload(v))
+        .collect::<Result<Vec<_>, _>>()?;
+    let output = upload(&vec![f32::NAN; out_len])?;
+    let scratch = step
+        .scratch
+        .iter()
+        .map(|&len| upload(&vec![f32::NAN; len]))
+        .collect::<Result<Vec<_>, _>>()?;
+    let n32 = n as i32;
+
+    for launch in &step.launches {
+        let kernel = &launch.kernel;
+        let source = ldnc_codegen::cuda::print::print_kernel(kernel);
+        if !cache.contains_key(&source) {
+            let ptx = nvrtc::compile(kernel, arch).map_err(|e| text(&e))?;
+            let module = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| text(&e))?;
+            let function = module.load_function(&kernel.name).map_err(|e| text(&e))?;
+            cache.insert(source.clone(), function);
+        }
+        let function = &cache[&source];
+        let mut shape_args: Vec<Arg> = launch
+            .args
+            .iter()
+            .map(|b| match b {
+                Binding::Batch => Arg::I32(n32),
+                Binding::Seed => Arg::U64(seed),
+                Binding::LearningRate => Arg::F32(lr),
+                _ => Arg::Buffer(Vec::new()),
+            })
+            .collect();
+        let [gx, gy, gz] = launch_grid(kernel, &mut shape_args).map_err(|e| text(&e))?;
+        let constants: Vec<_> = launch
+            .args
+            .iter()
+            .map(|b| match b {
+                Binding::Constant(v) => upload(v).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut builder = stream.launch_builder(function);
+        for (position, binding) in launch.args.iter().enumerate() {
+            match binding {
+                Binding::Input(i) => builder.arg(&operands[*i]),
+                Binding::Output => builder.arg(&output),
+                Binding::Scratch(j) => builder.arg(&scratch[*j]),
+                Binding::Constant(_) => {
+                    builder.arg(constants[position].as_ref().expect("uploaded above"))
+                }
+                Binding::Batch => builder.arg(&n32),
+                Binding::Seed => builder.arg(&seed),
+                Binding::LearningRate => builder.arg(&lr),
+            };
+        }
+        let config = LaunchConfig {
+            grid_dim: (gx, gy, gz),
+            block_dim: (kernel.block[0], kernel.block[1], kernel.block[2]),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments follow the kernel's parameters in order and
+        // type, and every buffer contains the elements of its value at batch `n`.
+        unsafe { builder.launch(config) }.map_err(|e| text(&e))?;
+    }
+    let out = stream.clone_dtoh(&output).map_err(|e| text(&e))?;
+    let after = operands
+        .iter()
+        .map(|o| stream.clone_dtoh(o).map_err(|e| text(&e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((out, after))
+}
+
+/// Opens device 0 for the GPU tests, or reports the skip; with
+/// `LDNC_REQUIRE_GPU=1` a missing GPU fails the test.
+fn gpu_or_skip(
+    test: &str,
+) -> Option<(
+    std::sync::Arc<ldnc_codegen::cuda::cudarc::driver::CudaStream>,
+    Arch,
+)> {
+    use ldnc_codegen::cuda::cudarc::driver::CudaContext;
+    // SAFETY: `is_culib_present` only tries to `dlopen` the driver library.
+    let driver = unsafe { ldnc_codegen::cuda::cudarc::driver::sys::is_culib_present() };
+    let opened = if driver {
+        CudaContext::new(0).map_err(|e| e.to_string())
+    } else {
+        Err("no CUDA driver".into())
+    };
+    let ctx = match opened {
+        Ok(ctx) => ctx,
+        Err(reason) => {
+            if std::env::var("LDNC_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("{test}: LDNC_REQUIRE_GPU=1 is set, but {reason}");
+            }
+            let _ = writeln!(std::io::stderr(), "\nSKIPPED {test}: {reason}");
+            return None;
+        }
+    };
+    let (major, minor) = ctx
+        .compute_capability()
+        .expect("the device reports its compute capability");
+    Some((
+        ctx.default_stream(),
+        Arch::from_capability(major as u32, minor as u32),
+    ))
+}
+
+/// Runs every sample op with `run` and compares it with the CPU reference at
+/// batch 3; returns one line per mismatch or failure.
+fn compare_samples(
+    mut run: impl FnMut(&lower::LoweredStep, &[Vec<f32>], usize) -> Result<Vec<f32>, String>,
+) -> Vec<String> {
+    use ldnc_runtime::kernels::{Ctx, In, KernelSet};
+    let n = 3;
+    let mut failures = Vec::new();
+    for (k, (op, types)) in sample_ops().into_iter().enumerate() {
+        if op.role() != ldnc_ir::op::Role::Compute {
+            continue;
+        }
+        let refs: Vec<&TensorType> = types.iter().collect();
+        let out_ty = op.infer(&refs).expect("samples are well typed");
+        let inputs: Vec<Vec<f32>> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| sample_data(&op, i, t.numel(n), k as u64))
+            .collect();
+        let ins: Vec<In> = inputs
+            .iter()
+            .zip(&types)
+            .map(|(d, t)| In { data: d, ty: t })
+            .collect();
+        let mut expected = vec![0.0; out_ty.numel(n)];
+        KernelSet::Reference
+            .compute(&op, &ins, &mut expected, &out_ty, &Ctx { n, seed: 7 })
+            .expect("the reference runs every sample");
+        let step = lower::lower_step(&op, &refs, &out_ty).expect("every sample lowers");
+        match run(&step, &inputs, expected.len()) {
+            Ok(actual) => {
+                let bad = actual
+                    .iter()
+                    .zip(&expected)
+                    .position(|(a, e)| (a - e).abs() > 1e-3 * (1.0 + e.abs()));
+                if let Some(i) = bad {
+                    failures.push(format!(
+                        "{}: element {i} is {}, reference {}",
+                        op.name(),
+                        actual[i],
+                        expected[i]
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{}: {e}", op.name())),
+        }
+    }
+    failures
+}
+
+/// The samples under the interpreter, which checks the sample data before a
+/// GPU run depends on it.
+#[test]
+fn sample_kernels_match_reference_in_interpreter() {
+    use ldnc_codegen::cuda::interp::{run_step, StepScalars};
+    let failures = compare_samples(|step, inputs, out_len| {
+        let mut buffers = inputs.to_vec();
+        let mut out = vec![f32::NAN; out_len];
+        let scalars = StepScalars {
+            n: 3,
+            seed: 7,
+            lr: 0.0,
+        };
+        run_step(step, &mut buffers, &mut out, scalars).map_err(|e| e.to_string())?;
+        Ok(out)
+    });
+    assert!(
+        failures.is_empty(),
+        "interpreted kernels differ:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Every sample kernel on the real GPU against the CPU reference.
+#[test]
+fn gpu_kernels_match_reference() {
+    if !nvrtc_or_skip("gpu_kernels_match_reference") {
+        return;
+    }
+    let Some((stream, arch)) = gpu_or_skip("gpu_kernels_match_reference") else {
+        return;
+    };
+    let mut cache = Functions::new();
+    let failures = compare_samples(|step, inputs, out_len| {
+        gpu_run_step(
+            &stream,
+            arch,
+            &mut cache,
+            step,
+            inputs,
+            out_len,
+            (3, 7, 0.0),
+        )
+        .map(|r| r.0)
+    });
+    assert!(
+        failures.is_empty(),
+        "GPU kernels differ from the reference:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Valid operand data for sample `op`: class indices for labels, and
+/// positive variances for batch-norm statistics.
+fn sample_data(op: &Op, i: usize, len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(31).wrapping_add(i as u64);
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let is_loss = matches!(
+        op,
+        Op::SoftmaxCrossEntropy { .. } | Op::SoftmaxCrossEntropyBackward { .. }
+    );
+    let is_stats = matches!(
+        op,
+        Op::BnApply { .. } | Op::BnBackward { .. } | Op::BnAffineGrad { .. }
+    ) && i == 1;
+    (0..len)
+        .map(|_| {
+            if is_loss && i == 1 {
+                (next() * 6.0).floor()
+            } else if is_stats {
+                next() + 0.5
+            } else {
+                next() * 2.0 - 1.0
+            }
+        })
+        .collect()
+}
+
+/// Times the conv2d kernel at a DenseNet-like 3x3 shape; run with
+/// `--ignored --nocapture` on a GPU machine.
+#[test]
+#[ignore = "benchmark: needs a GPU and prints timings"]
+fn gpu_conv2d_benchmark() {
+    let Some((stream, arch)) = gpu_or_skip("gpu_conv2d_benchmark") else {
+        return;
+    };
+    for (n, hw, cin, cout) in [(64, 32, 128, 32), (64, 16, 256, 32), (64, 8, 512, 128)] {
+        let x_ty = TensorType::batched(&[hw, hw, cin]);
+        let w_ty = TensorType::fixed(&[3, 3, cin, cout]);
+        let op = Op::Conv2d {
+            k: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let out_ty = op.infer(&[&x_ty, &w_ty]).expect("valid conv");
+        let step = lower::lower_step(&op, &[&x_ty, &w_ty], &out_ty).expect("conv lowers");
+        let inputs = vec![vec![0.5; x_ty.numel(n)], vec![0.25; w_ty.numel(n)]];
+        let out_len = out_ty.numel(n);
+        // The first run compiles and warms up; the later ones are timed.
+        let mut cache = Functions::new();
+        gpu_run_step(
+            &stream,
+            arch,
+            &mut cache,
+            &step,
+            &inputs,
+            out_len,
+            (n, 0, 0.0),
+        )
+        .expect("warm-up run");
+        let start = std::time::Instant::now();
+        let runs = 5;
+        for _ in 0..runs {
+            gpu_run_step(
+                &stream,
+                arch,
+                &mut cache,
+                &step,
+                &inputs,
+                out_len,
+                (n, 0, 0.0),
+            )
+            .expect("timed run");
+        }
+        let seconds = start.elapsed().as_secs_f64() / runs as f64;
+        let flops = 2.0 * (n * hw * hw * cout * 9 * cin) as f64;
+        println!(
+            "conv2d 3x3 n={n} {hw}x{hw} {cin}->{cout}: {:.2} ms per step including host copies, {:.1} GFLOP/s (a lower bound on the kernel's rate)",
+            seconds * 1e3,
+            flops / seconds / 1e9
+        );
+    }
+}

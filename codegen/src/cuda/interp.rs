@@ -2,7 +2,7 @@
 //! shapes.
 //!
 //! Blocks run one after another. Inside a block, all threads execute the
-//! structured IR statement by statement in lockstep: a statement runs for
+//! structured IR statement by statement in lockstep. A statement runs for
 //! every active thread before the next starts, an `if` runs its branches
 //! with the matching subsets of threads, and a loop runs while any thread is
 //! still in it. This is a valid schedule of a CUDA block because the
@@ -464,7 +464,9 @@ fn compare_f(op: BinOp, x: f32, y: f32) -> Value {
 }
 
 /// Checks the arguments against the parameters and evaluates the grid.
-fn launch_shape(kernel: &Kernel, args: &mut [Arg]) -> Result<[u32; 3]> {
+/// Only scalar arguments enter the grid, so an executor that launches on a
+/// GPU may pass empty buffers.
+pub fn launch_grid(kernel: &Kernel, args: &mut [Arg]) -> Result<[u32; 3]> {
     let fail = |message: String| Error::Launch {
         kernel: kernel.name.clone(),
         message,
@@ -524,7 +526,7 @@ fn launch_shape(kernel: &Kernel, args: &mut [Arg]) -> Result<[u32; 3]> {
 /// Runs `kernel` over its whole grid with `args`, one per parameter.
 pub fn run(kernel: &Kernel, args: &mut [Arg]) -> Result<()> {
     validate(kernel)?;
-    let grid = launch_shape(kernel, args)?;
+    let grid = launch_grid(kernel, args)?;
     let threads = kernel.threads_per_block() as usize;
     let vars = kernel.vars.len();
     let mut block = Block {
@@ -625,7 +627,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shared_out_of_bounds_names_kernel_array_and_index() {
+    fn shared_overrun_error_names_location() {
         let mut b = KernelBuilder::new("overrun", [64, 1, 1]);
         let tile = b.shared("tile", 32);
         b.store(tile.mem(), thread_idx(Axis::X), 1.0f32);

@@ -196,7 +196,7 @@ pub enum Stmt {
     Comment(String),
 }
 
-/// How a parameter is passed.
+/// Kind of a kernel parameter: a buffer pointer or a scalar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ParamKind {
     /// A pointer to f32 global memory; `writes` makes it non-`const`.
@@ -244,7 +244,7 @@ pub struct VarDecl {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Kernel {
     pub name: String,
-    /// What the kernel computes and why it is launched as it is; printed above
+    /// Description of the computation and of the launch shape, printed above
     /// the function.
     pub doc: String,
     pub params: Vec<Param>,
@@ -269,8 +269,8 @@ impl Kernel {
     }
 }
 
-/// An `int` constant from a size. Lowering checks every size against
-/// `i32::MAX` first, so the conversion cannot fail there.
+/// An `int` constant from a size. Lowering rejects tensors with more elements
+/// per image than an `int` holds, so the sizes it passes here fit.
 pub fn int(value: usize) -> Expr {
     Expr::I32(i32::try_from(value).expect("sizes are checked to fit in an int before lowering"))
 }

@@ -56,7 +56,8 @@ impl std::fmt::Display for Arch {
     }
 }
 
-/// Checks that the NVRTC library can be loaded, or says why not.
+/// Checks that the NVRTC library can be loaded, and returns the reason when
+/// it cannot.
 pub fn available() -> Result<()> {
     // SAFETY: `is_culib_present` only tries to open the library with
     // `dlopen` under cudarc's candidate names and closes what it opened; it

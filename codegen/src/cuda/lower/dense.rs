@@ -8,7 +8,7 @@
 //!
 //! NOTE: a label that is neither a class index nor the ignore label makes the
 //! loss and its gradient rows NaN, because a kernel cannot return the error
-//! the CPU reference raises; the NaN then shows up in the logged loss.
+//! that the CPU reference raises. The NaN then shows up in the logged loss.
 
 use ldnc_ir::{Op, TensorType};
 

@@ -48,7 +48,7 @@ use super::{Error, Result};
 /// size that keeps several blocks resident per multiprocessor.
 pub const THREADS: u32 = 256;
 
-/// What a kernel parameter is bound to at launch.
+/// Source of a kernel argument at launch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Binding {
     /// Operand `i` of the step.
