@@ -401,6 +401,10 @@ fn conv2d_backward_data(g: Geometry, cin: usize, cout: usize) -> Result<super::L
     l.finish()
 }
 
+// TODO: the filter gradients launch only ceil(cin / 64) x ceil(cout / 64) x
+// taps blocks, each reducing the whole batch, which leaves most of a large
+// GPU idle; a split over K with a fixed-order second pass would keep them
+// deterministic.
 fn conv2d_backward_filter(g: Geometry, cin: usize, cout: usize) -> Result<super::Launch> {
     let mut l = Lowering::new("conv2d_backward_filter", GEMM_THREADS as u32);
     l.doc(describe(

@@ -274,8 +274,8 @@ pub fn lower_step(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<L
         | Op::ConvTranspose2dBackwardData { .. }
         | Op::ConvTranspose2dBackwardFilter { .. } => conv::lower(op, inputs, out),
         // TODO: lower the fused ops of the fusion pass (`ConcatStats`,
-        // `BnReluConv` and its gradients) once the CPU reference defines them;
-        // `BnReluConv` is the conv GEMM with a normalising, rectifying A loader.
+        // `BnReluConv` and its gradients). `BnReluConv` fits the conv GEMM
+        // template with an A loader that normalises and rectifies.
         _ => Err(unsupported(op, "this op has no CUDA lowering yet")),
     }
 }
