@@ -5,8 +5,11 @@
 //! respect to each head's logits is `weight * d(CE)/d(logits)`: the scalar part of
 //! the chain is folded into the `SoftmaxCrossEntropyBackward` weights instead of
 //! being carried as `[1]` tensors. From the logits backwards, each op's
-//! vector-Jacobian product is emitted by `vjp`, one arm per op family; a value read
-//! by several ops receives the `Sum` of its gradient contributions. Every
+//! vector-Jacobian product is emitted by `vjp`, one arm per op family. A value
+//! read by several ops accumulates its gradient eagerly: each new contribution is
+//! added to the running sum right after it is produced, so a DenseNet layer read
+//! by every later layer holds one gradient buffer instead of one per reader
+//! (which would make backward memory quadratic in depth). Every
 //! parameter then gets a velocity and an `SgdUpdate`, appended after the whole
 //! backward pass so no update runs before the last read of its parameter.
 
@@ -38,8 +41,8 @@ pub fn differentiate(net: &Network, train: &TrainSpec) -> Result<TrainingGraph> 
     let needs_grad = needs_gradient(&g);
     let loss_weights = loss_weights(&g, net.loss)?;
 
-    // Gradient contributions per value, summed when the value is processed.
-    let mut contributions: HashMap<ValueId, Vec<ValueId>> = HashMap::new();
+    // Running gradient sum of every value that has received a contribution.
+    let mut grads: HashMap<ValueId, ValueId> = HashMap::new();
     for (&ce, &weight) in &loss_weights {
         let inputs = g.inputs(ce);
         let Op::SoftmaxCrossEntropy {
@@ -59,20 +62,14 @@ pub fn differentiate(net: &Network, train: &TrainSpec) -> Result<TrainingGraph> 
             &inputs,
             name,
         )?;
-        contributions.entry(inputs[0]).or_default().push(grad);
+        accumulate(&mut g, &mut grads, inputs[0], grad)?;
     }
 
     let mut param_grads = Vec::new();
     for index in (0..forward_len).rev() {
         let id = ValueId::new(index);
-        let Some(parts) = contributions.remove(&id) else {
+        let Some(grad) = grads.remove(&id) else {
             continue;
-        };
-        let grad = if parts.len() == 1 {
-            parts[0]
-        } else {
-            let name = format!("{}.grad_sum", g.node(id).name);
-            g.add(Op::Sum, &parts, name)?
         };
         if g.node(id).op.role() == Role::Param {
             param_grads.push((id, grad));
@@ -80,7 +77,7 @@ pub fn differentiate(net: &Network, train: &TrainSpec) -> Result<TrainingGraph> 
         }
         for (input, input_grad) in vjp(&mut g, id, grad)? {
             if needs_grad[input.index()] {
-                contributions.entry(input).or_default().push(input_grad);
+                accumulate(&mut g, &mut grads, input, input_grad)?;
             }
         }
     }
@@ -117,6 +114,24 @@ pub fn differentiate(net: &Network, train: &TrainSpec) -> Result<TrainingGraph> 
         logits,
         grads: param_grads,
     })
+}
+
+/// Adds `part` to the running gradient of `value`.
+fn accumulate(
+    g: &mut Graph,
+    grads: &mut HashMap<ValueId, ValueId>,
+    value: ValueId,
+    part: ValueId,
+) -> Result<()> {
+    let total = match grads.get(&value) {
+        None => part,
+        Some(&sum) => {
+            let name = format!("{}.grad_sum", g.node(value).name);
+            g.add(Op::Sum, &[sum, part], name)?
+        }
+    };
+    grads.insert(value, total);
+    Ok(())
 }
 
 /// Values that depend on a parameter (through differentiable ops).

@@ -1,10 +1,12 @@
 //! `ldnc-passes`: the compiler passes between the forward IR and a program.
 //!
 //! `autodiff` builds the training graph (forward, backward and optimizer updates)
-//! from a network expanded in training mode; `memory` assigns values to shared
+//! from a network expanded in training mode; `fuse` rewrites it with egg so the
+//! bottleneck, transition and concatenation ops fuse; `memory` assigns values to shared
 //! buffers by liveness.
 
 pub mod autodiff;
+pub mod fuse;
 pub mod memory;
 
 /// Errors of the compiler passes.

@@ -1,70 +1,91 @@
 //! Liveness-based buffer assignment.
 //!
 //! Every computed value is live from the step that writes it to the last step that
-//! reads it (graph outputs stay live to the end). Walking the schedule, a value
-//! takes the smallest free buffer that fits, else grows the largest free buffer,
-//! else opens a new one; after a step, the buffers of values read for the last
-//! time return to the free list. A step's output is assigned before its operands
-//! are released, so no step ever writes into a buffer it reads.
+//! reads it (graph outputs stay live to the end). Buffers are assigned greedily by
+//! size: values are taken from the largest down, and each goes into the first
+//! existing buffer that no value with an overlapping live range occupies, else
+//! into a new buffer of its own size. Because larger values are placed first, a
+//! buffer's size is that of its first value. A value written by a step is live
+//! at that step together with the step's operands, so no step ever writes into
+//! a buffer it reads.
 
 use ldnc_ir::graph::{Graph, ValueId};
 use ldnc_ir::op::Role;
 use ldnc_ir::program::{Buffer, Schedule, Storage};
 
-/// Plans storage for `graph` in node-index order.
-pub fn plan(graph: &Graph) -> Schedule {
-    let order: Vec<ValueId> = graph.ids().collect();
-    let position: Vec<usize> = {
-        let mut pos = vec![0; graph.len()];
-        for (step, id) in order.iter().enumerate() {
-            pos[id.index()] = step;
-        }
-        pos
-    };
-    let end = order.len();
-    let mut last_use: Vec<usize> = (0..graph.len()).map(|i| position[i]).collect();
-    for &id in &order {
+/// Live range `[first, last]` of every node in node-index order.
+fn live_ranges(graph: &Graph) -> Vec<(usize, usize)> {
+    let end = graph.len();
+    let mut ranges: Vec<(usize, usize)> = (0..end).map(|i| (i, i)).collect();
+    for id in graph.ids() {
         for input in graph.inputs(id) {
-            last_use[input.index()] = last_use[input.index()].max(position[id.index()]);
+            let r = &mut ranges[input.index()];
+            r.1 = r.1.max(id.index());
         }
     }
     for &out in &graph.outputs {
-        last_use[out.index()] = end;
+        ranges[out.index()].1 = end;
     }
-    // Values released after each step.
-    let mut releases: Vec<Vec<ValueId>> = vec![Vec::new(); end + 1];
-    for &id in &order {
-        releases[last_use[id.index()]].push(id);
-    }
+    ranges
+}
 
+/// Plans storage for `graph` in node-index order.
+pub fn plan(graph: &Graph) -> Schedule {
+    let order: Vec<ValueId> = graph.ids().collect();
+    let ranges = live_ranges(graph);
     let mut storage = vec![Storage::Feed; graph.len()];
-    let mut buffers: Vec<Buffer> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    for (step, &id) in order.iter().enumerate() {
-        let node = graph.node(id);
-        storage[id.index()] = match node.op.role() {
+    for &id in &order {
+        storage[id.index()] = match graph.node(id).op.role() {
             Role::Image | Role::Label => Storage::Feed,
             Role::Param | Role::State | Role::OptState => Storage::Persistent,
             Role::Update => storage[graph.inputs(id)[0].index()],
-            Role::Compute => {
-                let need = node.ty.per_item();
-                let b = take_buffer(&mut buffers, &mut free, need, node.ty.batched);
-                Storage::Buffer(b)
+            Role::Compute => Storage::Buffer(usize::MAX),
+        };
+    }
+
+    let mut computed: Vec<ValueId> = order
+        .iter()
+        .copied()
+        .filter(|&id| graph.node(id).op.role() == Role::Compute)
+        .collect();
+    let size = |id: ValueId| graph.node(id).ty.per_item();
+    computed.sort_by_key(|&id| (std::cmp::Reverse(size(id)), id.index()));
+
+    let mut buffers: Vec<Buffer> = Vec::new();
+    // Occupied live ranges of each buffer, sorted by start.
+    let mut occupied: Vec<Vec<(usize, usize)>> = Vec::new();
+    for id in computed {
+        let range = ranges[id.index()];
+        let batched = graph.node(id).ty.batched;
+        let found = (0..buffers.len()).find(|&b| buffers[b].batched == batched && is_free(&occupied[b], range));
+        let b = match found {
+            Some(b) => b,
+            None => {
+                buffers.push(Buffer {
+                    per_item: size(id),
+                    batched,
+                });
+                occupied.push(Vec::new());
+                buffers.len() - 1
             }
         };
-        for &dead in &releases[step] {
-            if graph.node(dead).op.role() == Role::Compute {
-                if let Storage::Buffer(b) = storage[dead.index()] {
-                    free.push(b);
-                }
-            }
-        }
+        let at = occupied[b].partition_point(|r| r.0 < range.0);
+        occupied[b].insert(at, range);
+        storage[id.index()] = Storage::Buffer(b);
     }
     Schedule {
         order,
         storage,
         buffers,
     }
+}
+
+/// Whether `range` overlaps none of the sorted, disjoint `occupied` ranges.
+fn is_free(occupied: &[(usize, usize)], range: (usize, usize)) -> bool {
+    let at = occupied.partition_point(|r| r.0 < range.0);
+    let before_ok = at == 0 || occupied[at - 1].1 < range.0;
+    let after_ok = at == occupied.len() || occupied[at].0 > range.1;
+    before_ok && after_ok
 }
 
 /// Plans storage without sharing: every computed value gets its own buffer.
@@ -92,25 +113,6 @@ pub fn plan_naive(graph: &Graph) -> Schedule {
         storage,
         buffers,
     }
-}
-
-fn take_buffer(buffers: &mut Vec<Buffer>, free: &mut Vec<usize>, need: usize, batched: bool) -> usize {
-    let candidates = free.iter().enumerate().filter(|(_, &b)| buffers[b].batched == batched);
-    let fitting = candidates
-        .clone()
-        .filter(|(_, &b)| buffers[b].per_item >= need)
-        .min_by_key(|(_, &b)| buffers[b].per_item);
-    let chosen = fitting.or_else(|| candidates.max_by_key(|(_, &b)| buffers[b].per_item));
-    if let Some((slot, &b)) = chosen {
-        free.swap_remove(slot);
-        buffers[b].per_item = buffers[b].per_item.max(need);
-        return b;
-    }
-    buffers.push(Buffer {
-        per_item: need,
-        batched,
-    });
-    buffers.len() - 1
 }
 
 /// Checks a schedule independently of the planner: no two values that are live
@@ -159,4 +161,49 @@ pub fn verify(graph: &Graph, schedule: &Schedule) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The largest total size, in elements per image of batched values plus
+/// unbatched elements, of computed values live at one time: the lower bound any
+/// buffer assignment in this order can reach. Returns `(batched, unbatched)`.
+pub fn peak_live(graph: &Graph) -> (usize, usize) {
+    let order: Vec<ValueId> = graph.ids().collect();
+    let end = order.len();
+    let mut last_use: Vec<usize> = (0..graph.len()).collect();
+    for (step, &id) in order.iter().enumerate() {
+        for input in graph.inputs(id) {
+            last_use[input.index()] = last_use[input.index()].max(step);
+        }
+    }
+    for &out in &graph.outputs {
+        last_use[out.index()] = end;
+    }
+    let mut releases: Vec<Vec<ValueId>> = vec![Vec::new(); end + 1];
+    for &id in &order {
+        releases[last_use[id.index()]].push(id);
+    }
+    let (mut live_b, mut live_u, mut peak_b, mut peak_u) = (0, 0, 0, 0);
+    for (step, &id) in order.iter().enumerate() {
+        let node = graph.node(id);
+        if node.op.role() == Role::Compute {
+            if node.ty.batched {
+                live_b += node.ty.per_item();
+            } else {
+                live_u += node.ty.per_item();
+            }
+        }
+        peak_b = peak_b.max(live_b);
+        peak_u = peak_u.max(live_u);
+        for &dead in &releases[step] {
+            let n = graph.node(dead);
+            if n.op.role() == Role::Compute {
+                if n.ty.batched {
+                    live_b -= n.ty.per_item();
+                } else {
+                    live_u -= n.ty.per_item();
+                }
+            }
+        }
+    }
+    (peak_b, peak_u)
 }

@@ -5,6 +5,7 @@ use ldnc_codegen::cpu::{lower, Roots};
 use ldnc_ir::program::{CompiledNet, Program, FORMAT_VERSION};
 use ldnc_ir::spec::NetSpec;
 use ldnc_ir::{expand, Mode};
+use ldnc_passes::fuse::{fuse, FuseOptions, FuseReport};
 use ldnc_passes::{autodiff, memory};
 
 /// Choices that change the compiled program but not the network.
@@ -12,18 +13,38 @@ use ldnc_passes::{autodiff, memory};
 pub struct CompileOptions {
     /// Share buffers between values whose lifetimes do not overlap.
     pub plan_memory: bool,
+    /// Run the egg fusion pass.
+    pub fuse: bool,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { plan_memory: true }
+        CompileOptions {
+            plan_memory: true,
+            fuse: true,
+        }
     }
 }
 
 /// Compiles the training and evaluation programs of `spec`.
 pub fn compile(spec: &NetSpec, options: CompileOptions) -> Result<CompiledNet> {
+    Ok(compile_with_report(spec, options)?.0)
+}
+
+/// Compiles and also returns the fusion reports of the training and evaluation
+/// networks (empty when fusion is off).
+pub fn compile_with_report(
+    spec: &NetSpec,
+    options: CompileOptions,
+) -> Result<(CompiledNet, Vec<FuseReport>)> {
     let started = std::time::Instant::now();
-    let net = expand(spec, Mode::Train).context("expanding the training network")?;
+    let mut reports = Vec::new();
+    let mut net = expand(spec, Mode::Train).context("expanding the training network")?;
+    if options.fuse {
+        let (fused, report) = fuse(&net, &FuseOptions::default()).context("fusing the training network")?;
+        net = fused;
+        reports.push(report);
+    }
     let tg = autodiff::differentiate(&net, &spec.train).context("differentiating the network")?;
     let schedule = if options.plan_memory {
         memory::plan(&tg.graph)
@@ -44,19 +65,26 @@ pub fn compile(spec: &NetSpec, options: CompileOptions) -> Result<CompiledNet> {
         "compiled the training program"
     );
 
-    let eval_net = expand(spec, Mode::Eval).context("expanding the evaluation network")?;
+    let mut eval_net = expand(spec, Mode::Eval).context("expanding the evaluation network")?;
+    if options.fuse {
+        let (fused, report) =
+            fuse(&eval_net, &FuseOptions::default()).context("fusing the evaluation network")?;
+        eval_net = fused;
+        reports.push(report);
+    }
     let eval = lower_forward(&eval_net, options);
     tracing::info!(
         steps = eval.steps.len(),
         seconds = started.elapsed().as_secs_f64(),
         "compiled the evaluation program"
     );
-    Ok(CompiledNet {
+    let compiled = CompiledNet {
         format_version: FORMAT_VERSION,
         spec: spec.clone(),
         train,
         eval,
-    })
+    };
+    Ok((compiled, reports))
 }
 
 fn lower_forward(net: &ldnc_ir::Network, options: CompileOptions) -> Program {

@@ -1,13 +1,15 @@
 //! `ldnc inspect`: the analyses of a network as a table or JSON.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use ldnc_ir::analysis::Report;
+use ldnc_ir::program::CompiledNet;
+use ldnc_ir::spec::NetSpec;
 use ldnc_ir::{expand, Mode};
 
-use super::compile::{compile, CompileOptions};
+use super::compile::{compile_with_report, CompileOptions};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -16,6 +18,14 @@ pub struct InspectArgs {
     /// Override a field of the network file, e.g. `--set growth=16`.
     #[arg(long = "set", value_name = "PATH=VALUE")]
     pub set: Vec<String>,
+    #[command(flatten)]
+    pub options: InspectOptions,
+}
+
+/// Flags of `inspect` other than the network: `ldnc inspect` and the `inspect`
+/// subcommand of a compiled network executable share them.
+#[derive(Debug, Args)]
+pub struct InspectOptions {
     /// Batch size for the activation-memory figures.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -25,17 +35,51 @@ pub struct InspectArgs {
     /// Draw the connection matrix (PNG or SVG, by extension).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Also report what the fusion pass did.
+    #[arg(long)]
+    pub passes: bool,
+    /// Report memory of the unfused program.
+    #[arg(long)]
+    pub no_fuse: bool,
 }
 
 pub fn run(args: &InspectArgs) -> Result<()> {
     let spec = super::load_spec(&args.net, &args.set)?;
-    let net = expand(&spec, Mode::Train)
-        .with_context(|| format!("cannot expand network {}", args.net.display()))?;
-    let mut report = Report::new(&spec, &net, args.batch)?;
-    match compile(&spec, CompileOptions::default()) {
-        Ok(compiled) => {
-            report.memory.planned_bytes = compiled.train.buffer_bytes(args.batch);
-            report.memory.planned_source = "memory plan of the training program".into();
+    inspect_network(&spec, &args.net, None, &args.options)
+}
+
+/// Prints the report of `spec`. `origin` names the network file or executable
+/// in messages; `compiled` supplies the memory plan when the programs exist
+/// already, else the network is compiled here.
+pub fn inspect_network(
+    spec: &NetSpec,
+    origin: &Path,
+    compiled: Option<&CompiledNet>,
+    args: &InspectOptions,
+) -> Result<()> {
+    let net = expand(spec, Mode::Train)
+        .with_context(|| format!("cannot expand network {}", origin.display()))?;
+    let mut report = Report::new(spec, &net, args.batch)?;
+    let options = CompileOptions {
+        fuse: !args.no_fuse,
+        ..CompileOptions::default()
+    };
+    let mut passes = Vec::new();
+    let planned_bytes = match compiled {
+        Some(compiled) => Ok(compiled.train.buffer_bytes(args.batch)),
+        None => compile_with_report(spec, options).map(|(compiled, reports)| {
+            passes = reports;
+            compiled.train.buffer_bytes(args.batch)
+        }),
+    };
+    match planned_bytes {
+        Ok(bytes) => {
+            report.memory.planned_bytes = bytes;
+            report.memory.planned_source = if options.fuse {
+                "memory plan of the fused training program".into()
+            } else {
+                "memory plan of the unfused training program".into()
+            };
         }
         Err(e) => tracing::warn!("no memory plan: {e:#}"),
     }
@@ -44,10 +88,28 @@ pub fn run(args: &InspectArgs) -> Result<()> {
             .with_context(|| format!("cannot draw {}", path.display()))?;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        if args.passes {
+            value["passes"] = serde_json::to_value(&passes)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     print_table(&report);
+    if args.passes {
+        for (name, p) in ["training", "evaluation"].iter().zip(&passes) {
+            let fired: Vec<String> = p.applied.iter().map(|(r, n)| format!("{r} x{n}")).collect();
+            println!(
+                "fusion ({name}): {} -> {} nodes, {} iterations ({}), {:.2}s; {}",
+                p.nodes_before,
+                p.nodes_after,
+                p.iterations,
+                p.stop_reason,
+                p.seconds,
+                fired.join(", ")
+            );
+        }
+    }
     Ok(())
 }
 

@@ -1,9 +1,10 @@
 //! `ldnc train` and `ldnc eval`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use ldnc_ir::program::CompiledNet;
 use ldnc_ir::spec::{LrSchedule, NetSpec};
 use ldnc_runtime::checkpoint;
 use ldnc_runtime::data::{self, DataSpec};
@@ -40,12 +41,20 @@ pub enum Schedule {
 pub struct TrainArgs {
     /// Network file (RON).
     pub net: PathBuf,
-    /// Dataset, e.g. `fashion-mnist` (the bundled subset) or `cifar10:DIR`.
-    #[arg(long)]
-    pub data: String,
     /// Override a field of the network file, e.g. `--set growth=16`.
     #[arg(long = "set", value_name = "PATH=VALUE")]
     pub set: Vec<String>,
+    #[command(flatten)]
+    pub options: TrainOptions,
+}
+
+/// Flags of `train` other than the network: `ldnc train` and the `train`
+/// subcommand of a compiled network executable share them.
+#[derive(Debug, Args)]
+pub struct TrainOptions {
+    /// Dataset, e.g. `fashion-mnist` (the bundled subset) or `cifar10:DIR`.
+    #[arg(long)]
+    pub data: String,
     /// Epochs (default: the network file's `train.epochs`).
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -73,28 +82,63 @@ pub struct TrainArgs {
     /// Give every value its own buffer instead of sharing buffers by liveness.
     #[arg(long)]
     pub no_plan: bool,
+    /// Run the unfused graph (no egg fusion pass), for comparison.
+    #[arg(long)]
+    pub no_fuse: bool,
     /// Stop after this many optimizer steps in total.
     #[arg(long, hide = true)]
     pub max_steps: Option<u64>,
 }
 
+/// The network a command runs: its spec, the file it came from, and its
+/// programs when a compiled network executable carries them.
+pub struct NetSource<'a> {
+    pub spec: NetSpec,
+    /// The network file, or the compiled executable; named in messages.
+    pub origin: &'a Path,
+    pub compiled: Option<&'a CompiledNet>,
+}
+
+impl NetSource<'_> {
+    /// Clones the precompiled programs when they are of `spec` and `options`
+    /// are the defaults that `ldnc build` uses, and compiles `spec` otherwise.
+    fn programs(&self, spec: &NetSpec, options: CompileOptions) -> Result<CompiledNet> {
+        let defaults = CompileOptions::default();
+        let default_options =
+            options.plan_memory == defaults.plan_memory && options.fuse == defaults.fuse;
+        match self.compiled {
+            Some(compiled) if default_options && compiled.spec == *spec => Ok(compiled.clone()),
+            _ => compile(spec, options),
+        }
+    }
+}
+
 pub fn run_train(args: &TrainArgs, quiet: bool) -> Result<()> {
+    let source = NetSource {
+        spec: super::load_spec(&args.net, &args.set)?,
+        origin: &args.net,
+        compiled: None,
+    };
+    train_network(&source, &args.options, quiet)
+}
+
+/// Trains the network of `source` as `options` ask, from scratch or resuming.
+pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Result<()> {
     let (spec, config, start, out) = match &args.resume {
-        Some(dir) => resume_settings(args, dir)?,
+        Some(dir) => resume_settings(source, args, dir)?,
         None => {
-            let spec = super::load_spec(&args.net, &args.set)?;
+            let spec = source.spec.clone();
             let config = config_from(&spec, args, quiet);
             (spec, config, Position::default(), args.out.clone())
         }
     };
     let data_spec = DataSpec::parse(&args.data).context("invalid --data")?;
     let dataset = data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
-    let compiled = compile(
-        &spec,
-        CompileOptions {
-            plan_memory: !args.no_plan,
-        },
-    )?;
+    let options = CompileOptions {
+        plan_memory: !args.no_plan,
+        fuse: !args.no_fuse,
+    };
+    let compiled = source.programs(&spec, options)?;
     let mut session = Session::new(compiled, config.batch, args.kernels.into(), config.seed)?;
     let files = RunFiles { dir: out.clone() };
     if args.resume.is_some() {
@@ -132,7 +176,7 @@ pub fn run_train(args: &TrainArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-fn config_from(spec: &NetSpec, args: &TrainArgs, quiet: bool) -> TrainConfig {
+fn config_from(spec: &NetSpec, args: &TrainOptions, quiet: bool) -> TrainConfig {
     TrainConfig {
         epochs: args.epochs.unwrap_or(spec.train.epochs),
         batch: args.batch.unwrap_or(spec.train.batch),
@@ -153,21 +197,21 @@ fn config_from(spec: &NetSpec, args: &TrainArgs, quiet: bool) -> TrainConfig {
 
 /// Spec, configuration and position stored in a run folder's checkpoint.
 fn resume_settings(
-    args: &TrainArgs,
-    dir: &std::path::Path,
+    source: &NetSource,
+    args: &TrainOptions,
+    dir: &Path,
 ) -> Result<(NetSpec, TrainConfig, Position, PathBuf)> {
     let path = RunFiles { dir: dir.to_path_buf() }.checkpoint();
     let (_, meta) = checkpoint::load(&path)
         .with_context(|| format!("cannot resume from {}", dir.display()))?;
     let spec: NetSpec = serde_json::from_str(&meta.spec_json)
         .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
-    let file_spec = super::load_spec(&args.net, &args.set)?;
-    if file_spec.with_overrides(&[])? != spec {
+    if source.spec.with_overrides(&[])? != spec {
         bail!(
-            "{} was trained with a different network than {}; resume with the same file and \
-             --set flags",
+            "{} was trained with a different network than {}; resume with the same network \
+             file and --set flags, or the same compiled executable",
             path.display(),
-            args.net.display()
+            source.origin.display()
         );
     }
     let mut config: TrainConfig = serde_json::from_str(&meta.config_json)
@@ -200,6 +244,12 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<()> {
+    evaluate(args, None)
+}
+
+/// Evaluates a checkpoint. A compiled network executable passes its path and
+/// programs as `embedded`, and the checkpoint must come from that network.
+pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Result<()> {
     let path = if args.checkpoint.is_dir() {
         RunFiles { dir: args.checkpoint.clone() }.checkpoint()
     } else {
@@ -210,7 +260,18 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
     let data_spec = DataSpec::parse(&args.data).context("invalid --data")?;
     let dataset = data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
-    let compiled = compile(&spec, CompileOptions::default())?;
+    let compiled = match embedded {
+        Some((_, compiled)) if compiled.spec == spec => compiled.clone(),
+        Some((exe, compiled)) => bail!(
+            "{} was trained with a different network than the `{}` compiled into {} (its spec \
+             names `{}`); evaluate it with `ldnc eval` or with the executable that trained it",
+            path.display(),
+            compiled.spec.name,
+            exe.display(),
+            spec.name
+        ),
+        None => compile(&spec, CompileOptions::default())?,
+    };
     let mut session = Session::new(compiled, args.batch, args.kernels.into(), 0)?;
     checkpoint::restore(&path, &mut session.store, tensors)?;
     let (loss, confusion) = session.evaluate(&dataset.test, &dataset, args.batch)?;
