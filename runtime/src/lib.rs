@@ -5,6 +5,9 @@
 //! one place that also links the compiler passes and codegen.
 
 pub mod checkpoint;
+// NOTE: the CUDA executor lowers programs through `ldnc-codegen`, so this library
+// links codegen; carrying the CUDA sources inside `Program` would remove that.
+pub mod cuda_exec;
 pub mod data;
 pub mod exec;
 pub mod kernels;

@@ -284,19 +284,7 @@ fn compile_error_carries_log_and_options() {
     );
 }
 
-/// The CUDA executor, compiled here so that it is type-checked in every test
-/// run; the `crate::` paths it uses resolve to the shims below.
-// NOTE: remove this module and the shims once `runtime/src/lib.rs` declares
-// `pub mod cuda_exec;`.
-#[path = "../src/cuda_exec.rs"]
-#[allow(dead_code)]
-mod cuda_exec;
-mod exec {
-    pub use ldnc_runtime::exec::StepParams;
-}
-mod store {
-    pub use ldnc_runtime::store::Store;
-}
+use ldnc_runtime::cuda_exec;
 
 #[test]
 fn cuda_executor_without_driver_says_use_cpu() {
