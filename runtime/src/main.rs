@@ -1,15 +1,27 @@
-//! The `ldnc` command-line tool: inspect, train and evaluate networks written as
-//! RON files.
+//! The `ldnc` command-line tool: inspect, train, evaluate and build networks
+//! written as RON files.
+//!
+//! The same binary also runs as a compiled network executable: when its own
+//! file ends with a payload written by `ldnc build`, it offers that network's
+//! `train`, `eval` and `inspect` instead of `ldnc`'s commands.
 
 mod cli;
 mod cli_data;
+// TODO: import `ldnc_runtime::payload` instead once the library declares the
+// module; until then the binary compiles the file itself.
+#[path = "payload.rs"]
+mod payload;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "ldnc", version, about = "Compile DenseNet-family networks from RON files and train them")]
+#[command(
+    name = "ldnc",
+    version,
+    about = "Compile DenseNet-family networks from RON files and train them"
+)]
 struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -29,13 +41,47 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Evaluate a checkpoint on a dataset's test split.
     Eval(cli::train::EvalArgs),
+    /// Compile a network into a standalone executable that trains, evaluates and inspects it.
+    Build(cli::build::BuildArgs),
     /// Look at a dataset: split sizes, classes, statistics, undecodable files.
     Data(cli_data::DataArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let level = match cli.verbose {
+    let result = match payload::read_current_exe() {
+        Ok(Some((exe, payload))) => {
+            let cli = cli::build::CompiledCli::parse_for(&payload);
+            init_logging(cli.verbose);
+            cli::build::run_compiled(cli, &exe, &payload)
+        }
+        Ok(None) => {
+            let cli = Cli::parse();
+            init_logging(cli.verbose);
+            run(cli)
+        }
+        Err(error) => Err(error.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect(args) => cli::inspect::run(&args),
+        Command::Train(args) => cli::train::run_train(&args, cli.quiet),
+        Command::Eval(args) => cli::train::run_eval(&args),
+        Command::Build(args) => cli::build::run_build(&args, cli.quiet),
+        Command::Data(args) => cli_data::run(args),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
         0 => "warn",
         1 => "info",
         2 => "debug",
@@ -47,18 +93,4 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-
-    let result = match cli.command {
-        Command::Inspect(args) => cli::inspect::run(&args),
-        Command::Train(args) => cli::train::run_train(&args, cli.quiet),
-        Command::Eval(args) => cli::train::run_eval(&args),
-        Command::Data(args) => cli_data::run(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
 }

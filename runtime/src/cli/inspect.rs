@@ -65,9 +65,13 @@ pub fn inspect_network(
         ..CompileOptions::default()
     };
     let mut passes = Vec::new();
+    // Precompiled programs are fused and carry no fusion reports, so
+    // `--no-fuse` and `--passes` compile afresh.
     let planned_bytes = match compiled {
-        Some(compiled) => Ok(compiled.train.buffer_bytes(args.batch)),
-        None => compile_with_report(spec, options).map(|(compiled, reports)| {
+        Some(compiled) if !args.no_fuse && !args.passes => {
+            Ok(compiled.train.buffer_bytes(args.batch))
+        }
+        _ => compile_with_report(spec, options).map(|(compiled, reports)| {
             passes = reports;
             compiled.train.buffer_bytes(args.batch)
         }),

@@ -1,5 +1,6 @@
 //! Subcommands of the `ldnc` binary.
 
+pub mod build;
 pub mod compile;
 pub mod inspect;
 pub mod train;
@@ -11,5 +12,6 @@ use ldnc_ir::spec::NetSpec;
 
 /// Loads a network file with `--set` overrides applied and validated.
 pub fn load_spec(path: &Path, overrides: &[String]) -> Result<NetSpec> {
-    NetSpec::load(path, overrides).with_context(|| format!("cannot load network {}", path.display()))
+    NetSpec::load(path, overrides)
+        .with_context(|| format!("cannot load network {}", path.display()))
 }

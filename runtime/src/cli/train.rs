@@ -133,7 +133,8 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
         }
     };
     let data_spec = DataSpec::parse(&args.data).context("invalid --data")?;
-    let dataset = data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
+    let dataset =
+        data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
     let options = CompileOptions {
         plan_memory: !args.no_plan,
         fuse: !args.no_fuse,
@@ -201,9 +202,12 @@ fn resume_settings(
     args: &TrainOptions,
     dir: &Path,
 ) -> Result<(NetSpec, TrainConfig, Position, PathBuf)> {
-    let path = RunFiles { dir: dir.to_path_buf() }.checkpoint();
-    let (_, meta) = checkpoint::load(&path)
-        .with_context(|| format!("cannot resume from {}", dir.display()))?;
+    let path = RunFiles {
+        dir: dir.to_path_buf(),
+    }
+    .checkpoint();
+    let (_, meta) =
+        checkpoint::load(&path).with_context(|| format!("cannot resume from {}", dir.display()))?;
     let spec: NetSpec = serde_json::from_str(&meta.spec_json)
         .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
     if source.spec.with_overrides(&[])? != spec {
@@ -214,8 +218,12 @@ fn resume_settings(
             source.origin.display()
         );
     }
-    let mut config: TrainConfig = serde_json::from_str(&meta.config_json)
-        .with_context(|| format!("the configuration stored in {} is unreadable", path.display()))?;
+    let mut config: TrainConfig = serde_json::from_str(&meta.config_json).with_context(|| {
+        format!(
+            "the configuration stored in {} is unreadable",
+            path.display()
+        )
+    })?;
     if let Some(epochs) = args.epochs {
         config.epochs = epochs;
     }
@@ -251,7 +259,10 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
 /// programs as `embedded`, and the checkpoint must come from that network.
 pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Result<()> {
     let path = if args.checkpoint.is_dir() {
-        RunFiles { dir: args.checkpoint.clone() }.checkpoint()
+        RunFiles {
+            dir: args.checkpoint.clone(),
+        }
+        .checkpoint()
     } else {
         args.checkpoint.clone()
     };
@@ -259,7 +270,8 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
     let spec: NetSpec = serde_json::from_str(&meta.spec_json)
         .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
     let data_spec = DataSpec::parse(&args.data).context("invalid --data")?;
-    let dataset = data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
+    let dataset =
+        data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
     let compiled = match embedded {
         Some((_, compiled)) if compiled.spec == spec => compiled.clone(),
         Some((exe, compiled)) => bail!(

@@ -1,0 +1,567 @@
+//! `ldnc build`: compiles a network into a standalone training executable, and
+//! the command line that such an executable offers when it runs.
+//!
+//! The executable is a byte copy of the running `ldnc` with the compiled
+//! network appended as a payload (see `payload.rs` for the layout). At startup,
+//! `main` looks for that payload. When it finds one, the program runs as the
+//! network's executable. It offers `train`, `eval` and `inspect` with `ldnc`'s
+//! flags minus the network file and `--set`, because the network is fixed.
+//!
+//! Builds are reproducible: the output depends only on the `ldnc` binary, the
+//! network file, the `--set` flags and `--target`, never on time, paths or
+//! hash-map order. The file is written to a temporary name in the destination
+//! folder, checked by reading its payload back, and renamed into place, so a
+//! failed build leaves any earlier file untouched.
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use ldnc_ir::program::{CompiledNet, Program, Storage};
+use ldnc_ir::spec::NetSpec;
+use ldnc_ir::{expand, Graph, Mode, Role};
+use ldnc_passes::fuse::{fuse, FuseOptions, FuseReport};
+use ldnc_passes::{autodiff, memory};
+
+use super::compile::{compile_with_report, CompileOptions};
+use super::inspect::{self, InspectOptions};
+use super::train::{self, EvalArgs, NetSource, TrainOptions};
+use crate::payload::{self, Payload, Target, PAYLOAD_FORMAT_VERSION};
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Network file (RON).
+    pub net: PathBuf,
+    /// Override a field of the network file, e.g. `--set growth=16`.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    pub set: Vec<String>,
+    /// Output executable, or a folder to write it into (default: the
+    /// network's name in the current folder).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Backends to compile for. The CPU programs are always included.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub target: TargetArg,
+    /// Also write, next to the output: `graph` (the forward and training graphs
+    /// as Graphviz DOT), `program` (the scheduled training program as text).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "WHAT")]
+    pub emit: Vec<Emit>,
+    /// Print what each pipeline stage produced: node counts, steps, buffers and
+    /// planned against naive activation memory.
+    #[arg(long)]
+    pub explain: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetArg {
+    /// CPU programs only.
+    Cpu,
+    /// CUDA kernels (not available yet: the executable gets CPU programs only).
+    Cuda,
+    /// CPU programs and CUDA kernels.
+    All,
+}
+
+impl From<TargetArg> for Target {
+    fn from(target: TargetArg) -> Target {
+        match target {
+            TargetArg::Cpu => Target::Cpu,
+            TargetArg::Cuda => Target::Cuda,
+            TargetArg::All => Target::All,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Emit {
+    /// `NAME.forward.dot` and `NAME.train.dot`.
+    Graph,
+    /// `NAME.program.txt`.
+    Program,
+}
+
+pub fn run_build(args: &BuildArgs, quiet: bool) -> Result<()> {
+    let spec = super::load_spec(&args.net, &args.set)?;
+    let output = output_path(args.output.as_deref(), &spec.name)?;
+    let running = std::env::current_exe().context("cannot locate the running ldnc executable")?;
+    for (protected, what) in [
+        (&running, "the running ldnc"),
+        (&args.net, "the network file"),
+    ] {
+        if same_file(&output, protected) {
+            bail!(
+                "output {} is {what}; choose another path with -o",
+                output.display()
+            );
+        }
+    }
+
+    let (compiled, fusion) = compile_with_report(&spec, CompileOptions::default())
+        .with_context(|| format!("cannot compile network {}", args.net.display()))?;
+    let target = Target::from(args.target);
+    if target.wants_cuda() {
+        // TODO: compile and embed the CUDA kernels once codegen's CUDA backend
+        // lowers whole programs; until then a CUDA build carries CPU programs only.
+        eprintln!(
+            "note: the CUDA backend is not available in builds yet, so {} contains CPU \
+             programs only and records that it has no CUDA kernels",
+            output.display()
+        );
+    }
+    let payload = Payload {
+        ldnc_version: env!("CARGO_PKG_VERSION").to_string(),
+        target,
+        cuda_kernels: false,
+        net: compiled,
+    };
+    let section = payload::encode(&payload)?;
+
+    write_atomic(&output, true, |file| {
+        let mut image = File::open(&running)?;
+        io::copy(&mut image, file)?;
+        file.write_all(&section)
+    })
+    .and_then(|()| check_written(&output, &payload))?;
+    if !quiet {
+        println!(
+            "built {}: network {}, {} training steps, payload {:.1} KiB",
+            output.display(),
+            spec.name,
+            payload.net.train.steps.len(),
+            section.len() as f64 / 1024.0
+        );
+    }
+
+    if args.explain || args.emit.contains(&Emit::Graph) {
+        let stages = Stages::run(&spec)?;
+        if args.explain {
+            print_explanation(&spec, &stages, &fusion, &payload.net, section.len());
+        }
+        if args.emit.contains(&Emit::Graph) {
+            let title = &spec.name;
+            let forward = dot(&stages.forward, &format!("{title} forward (after fusion)"));
+            let training = dot(&stages.training, &format!("{title} training"));
+            emit_file(&output, "forward.dot", &forward, quiet)?;
+            emit_file(&output, "train.dot", &training, quiet)?;
+        }
+    }
+    if args.emit.contains(&Emit::Program) {
+        let text = program_text(
+            &payload.net.train,
+            &format!("{} training program", spec.name),
+        );
+        emit_file(&output, "program.txt", &text, quiet)?;
+    }
+    Ok(())
+}
+
+/// Resolves the output file: `-o` as given, the network's name inside `-o`
+/// when that is a folder, or the network's name in the current folder.
+fn output_path(requested: Option<&Path>, network: &str) -> Result<PathBuf> {
+    if let Some(path) = requested {
+        if !path.is_dir() {
+            return Ok(path.to_path_buf());
+        }
+    }
+    let invalid = network.is_empty()
+        || network == "."
+        || network == ".."
+        || network.contains(['/', '\\', '\0']);
+    if invalid {
+        bail!(
+            "the network name `{network}` is not a valid file name for the executable; \
+             choose the output with -o FILE"
+        );
+    }
+    let name = format!("{network}{}", std::env::consts::EXE_SUFFIX);
+    Ok(match requested {
+        Some(folder) => folder.join(name),
+        None => PathBuf::from(name),
+    })
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Writes `path` through a temporary file in its folder, which `fill` writes
+/// and a rename then moves over `path`, so readers never see a partial file.
+/// On failure the temporary file is removed and `path` is left as it was.
+fn write_atomic(
+    path: &Path,
+    executable: bool,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<()> {
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("output {} has no file name; pass -o FILE", path.display()))?;
+    let temporary = folder.join(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let mut file = File::create(&temporary).with_context(|| {
+        format!(
+            "cannot write {}: cannot create a file in {}; check that the folder exists and is \
+             writable, or choose another output with -o",
+            path.display(),
+            folder.display()
+        )
+    })?;
+
+    let written = fill(&mut file)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| set_mode(&temporary, executable))
+        .and_then(|()| fs::rename(&temporary, path));
+    if let Err(error) = written {
+        // The write already failed; a leftover temporary file is the lesser problem.
+        let _ = fs::remove_file(&temporary);
+        return Err(error).with_context(|| {
+            format!(
+                "cannot write {} (through {}); check free space and permissions there",
+                path.display(),
+                temporary.display()
+            )
+        });
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, executable: bool) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if executable { 0o755 } else { 0o644 };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _executable: bool) -> io::Result<()> {
+    Ok(())
+}
+
+/// Reads the payload back from the finished executable and compares it with
+/// what was encoded, which catches a serialisation that does not round-trip
+/// (for example a float that JSON cannot represent exactly).
+fn check_written(path: &Path, expected: &Payload) -> Result<()> {
+    let found = payload::read(path)
+        .with_context(|| format!("cannot read back the executable {}", path.display()))?;
+    if found.as_ref() != Some(expected) {
+        bail!(
+            "the payload read back from {} differs from the compiled network, so the \
+             serialisation is lossy; this is a bug in ldnc, please report it with the network file",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `OUTPUT.suffix` next to the executable (the executable suffix, if
+/// any, dropped from the name).
+fn emit_file(output: &Path, suffix: &str, text: &str, quiet: bool) -> Result<()> {
+    let name = output
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name
+        .strip_suffix(std::env::consts::EXE_SUFFIX)
+        .filter(|stem| !stem.is_empty())
+        .unwrap_or(&name);
+    let path = output.with_file_name(format!("{stem}.{suffix}"));
+    write_atomic(&path, false, |file| file.write_all(text.as_bytes()))?;
+    if !quiet {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The graphs between the spec and the training program that `--emit graph`
+/// and `--explain` show.
+///
+/// NOTE: these repeat the training half of `compile::compile_with_report`,
+/// which returns only the programs and fusion reports; a change there must be
+/// mirrored here.
+struct Stages {
+    /// The forward graph as expanded, before fusion.
+    expanded: Graph,
+    /// The forward graph after fusion, which autodiff differentiates.
+    forward: Graph,
+    training: Graph,
+    naive_buffers: Vec<ldnc_ir::program::Buffer>,
+}
+
+impl Stages {
+    fn run(spec: &NetSpec) -> Result<Stages> {
+        let net = expand(spec, Mode::Train).context("expanding the training network")?;
+        let (fused, _) =
+            fuse(&net, &FuseOptions::default()).context("fusing the training network")?;
+        let training = autodiff::differentiate(&fused, &spec.train)
+            .context("differentiating the network")?
+            .graph;
+        let naive_buffers = memory::plan_naive(&training).buffers;
+        Ok(Stages {
+            expanded: net.graph,
+            forward: fused.graph,
+            training,
+            naive_buffers,
+        })
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn print_explanation(
+    spec: &NetSpec,
+    stages: &Stages,
+    fusion: &[FuseReport],
+    net: &CompiledNet,
+    payload_bytes: usize,
+) {
+    let batch = spec.train.batch;
+    let count = |graph: &Graph, role: Role| {
+        graph
+            .ids()
+            .filter(|&id| graph.node(id).op.role() == role)
+            .count()
+    };
+    let expanded = &stages.expanded;
+    let forward = &stages.forward;
+    let training = &stages.training;
+
+    println!("pipeline of {}", spec.name);
+    println!(
+        "  expand      forward graph: {} nodes ({} parameters, {} state tensors)",
+        expanded.len(),
+        count(expanded, Role::Param),
+        count(expanded, Role::State)
+    );
+    print_fusion(fusion);
+
+    println!(
+        "  autodiff    training graph: {} nodes ({} added for gradients and updates, {} of them \
+         optimizer and running-statistics updates)",
+        training.len(),
+        training.len().saturating_sub(forward.len()),
+        count(training, Role::Update)
+    );
+    for (stage, program) in [("training", &net.train), ("evaluation", &net.eval)] {
+        println!(
+            "  schedule    {stage} program: {} steps over {} values in {} buffers",
+            program.steps.len(),
+            program.values.len(),
+            program.buffers.len()
+        );
+    }
+
+    let naive: u64 = stages
+        .naive_buffers
+        .iter()
+        .map(|buffer| 4 * buffer.numel(batch) as u64)
+        .sum();
+    let planned = net.train.buffer_bytes(batch);
+    println!(
+        "  memory      training activations at batch {batch}: naive {} (one buffer per value), \
+         planned {} ({:.1}% of naive)",
+        mib(naive),
+        mib(planned),
+        100.0 * planned as f64 / naive.max(1) as f64
+    );
+
+    println!(
+        "  payload     {:.1} KiB (zlib-compressed JSON), payload format {PAYLOAD_FORMAT_VERSION}",
+        payload_bytes as f64 / 1024.0
+    );
+}
+
+/// Prints one line per fusion report: node counts, why saturation stopped and
+/// how often each rule fired.
+fn print_fusion(fusion: &[FuseReport]) {
+    for (graph, report) in ["training", "evaluation"].iter().zip(fusion) {
+        let applied: Vec<String> = report
+            .applied
+            .iter()
+            .map(|(rule, times)| format!("{rule} x{times}"))
+            .collect();
+        println!(
+            "  fuse        {graph} forward graph: {} -> {} nodes after {} iterations ({}); {}",
+            report.nodes_before,
+            report.nodes_after,
+            report.iterations,
+            report.stop_reason,
+            if applied.is_empty() {
+                "no rewrites applied".to_string()
+            } else {
+                applied.join(", ")
+            }
+        );
+    }
+}
+
+/// Renders a graph as Graphviz DOT: one box per node with its name, op and
+/// type, and one edge per operand, labelled with the operand position when a
+/// node has several.
+fn dot(graph: &Graph, title: &str) -> String {
+    let mut out = String::new();
+    writeln!(out, "digraph \"{}\" {{", escape_dot(title)).expect("writing to a String");
+    out.push_str("  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let style = match node.op.role() {
+            Role::Param | Role::State | Role::OptState => ", style=filled, fillcolor=\"#e8e8e8\"",
+            Role::Image | Role::Label => ", shape=ellipse",
+            Role::Update => ", style=dashed",
+            Role::Compute => "",
+        };
+        writeln!(
+            out,
+            "  n{} [label=\"{}\\n{} {}\"{style}];",
+            id.index(),
+            escape_dot(&node.name),
+            node.op.name(),
+            node.ty
+        )
+        .expect("writing to a String");
+    }
+    for id in graph.ids() {
+        let inputs = graph.inputs(id);
+        for (position, input) in inputs.iter().enumerate() {
+            let label = if inputs.len() > 1 {
+                format!(" [label=\"{position}\"]")
+            } else {
+                String::new()
+            };
+            writeln!(out, "  n{} -> n{}{label};", input.index(), id.index())
+                .expect("writing to a String");
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn escape_dot(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// Renders a program as text: a header with its buffers, then one line per step with
+/// the op, its operands, the output value and where that value is stored.
+fn program_text(program: &Program, title: &str) -> String {
+    let mut out = String::new();
+    let value = |index: usize| {
+        let value = &program.values[index];
+        format!("%{index} {}", value.name)
+    };
+    let storage = |index: usize| match program.values[index].storage {
+        Storage::Buffer(buffer) => format!("b{buffer}"),
+        Storage::Persistent => "store".to_string(),
+        Storage::Feed => "feed".to_string(),
+    };
+
+    writeln!(out, "# {title}, program format {}", program.format_version).expect("String");
+    writeln!(
+        out,
+        "# {} steps, {} values, {} buffers; `store` is the parameter store, `feed` the data loader",
+        program.steps.len(),
+        program.values.len(),
+        program.buffers.len()
+    )
+    .expect("String");
+    for (index, buffer) in program.buffers.iter().enumerate() {
+        let unit = if buffer.batched { " per image" } else { "" };
+        writeln!(out, "# b{index}: {} floats{unit}", buffer.per_item).expect("String");
+    }
+    for (index, step) in program.steps.iter().enumerate() {
+        let operands: Vec<String> = step.inputs.iter().map(|&input| value(input)).collect();
+        writeln!(
+            out,
+            "{index:>5}  {:?}  ({})  -> {} {}  in {}",
+            step.op,
+            operands.join(", "),
+            value(step.output),
+            program.values[step.output].ty,
+            storage(step.output)
+        )
+        .expect("String");
+    }
+    out
+}
+
+/// Command line of a compiled network executable.
+#[derive(Debug, Parser)]
+#[command(about = "Train, evaluate and inspect the network compiled into this executable")]
+pub struct CompiledCli {
+    /// More log output on stderr (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// No progress bars or per-epoch lines.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    command: CompiledCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CompiledCommand {
+    /// Print connections, MBD, parameters, MACs and activation memory of the network.
+    Inspect(InspectOptions),
+    /// Train the network on a dataset.
+    Train(TrainOptions),
+    /// Evaluate a checkpoint of the network on a dataset's test split.
+    Eval(EvalArgs),
+}
+
+impl CompiledCli {
+    /// Parses the process's arguments; help and `--version` name the network,
+    /// the ldnc that built it and the payload format.
+    pub fn parse_for(payload: &Payload) -> CompiledCli {
+        // clap takes names and versions as `&'static str` unless its `string`
+        // feature is on; these two strings live for the whole process anyway.
+        let name: &'static str = Box::leak(payload.network().to_string().into_boxed_str());
+        let version: &'static str = Box::leak(
+            format!(
+                "(built by ldnc {}, payload format {PAYLOAD_FORMAT_VERSION}, {})",
+                payload.ldnc_version,
+                if payload.cuda_kernels {
+                    "CPU programs and CUDA kernels"
+                } else {
+                    "CPU programs, no CUDA kernels"
+                }
+            )
+            .into_boxed_str(),
+        );
+        let matches = CompiledCli::command()
+            .name(name)
+            .version(version)
+            .get_matches();
+        CompiledCli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+    }
+}
+
+/// Runs a compiled network executable's subcommand on its embedded network.
+pub fn run_compiled(cli: CompiledCli, exe: &Path, payload: &Payload) -> Result<()> {
+    let net = &payload.net;
+    match cli.command {
+        CompiledCommand::Inspect(options) => {
+            inspect::inspect_network(&net.spec, exe, Some(net), &options)
+        }
+        CompiledCommand::Train(options) => {
+            let source = NetSource {
+                spec: net.spec.clone(),
+                origin: exe,
+                compiled: Some(net),
+            };
+            train::train_network(&source, &options, cli.quiet)
+        }
+        CompiledCommand::Eval(args) => train::evaluate(&args, Some((exe, net))),
+    }
+}
