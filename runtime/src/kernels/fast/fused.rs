@@ -4,8 +4,8 @@
 //!
 //! The convolution and its filter gradient pack one GEMM operand per block
 //! of `BLOCK_PIXELS` output pixels, as the unfused convolutions do, but fill
-//! it with `z` computed while loading: each tap of an im2col row reads the
-//! pixel from every input's own slice, normalises and rectifies it. For a 1x1
+//! it with `z` computed while loading. Each tap of an im2col row reads the
+//! pixel from every input's own slice, then normalises and rectifies it. For a 1x1
 //! stride-1 convolution without padding the packed rows are the rectified
 //! pixels themselves. A rayon task therefore holds one `rows x k*k*C` block,
 //! never a layer-sized buffer. The batch-norm gradients recompute `u` per
@@ -292,8 +292,8 @@ mod tests {
 
     #[test]
     fn loader_reads_each_input_slice() {
-        // Two inputs of 1 and 2 channels over 2 pixels; channel 1 has
-        // gamma 2 and beta -1, the others are the identity (eps 0, var 1).
+        // Two inputs of 1 and 2 channels over 2 pixels. Channel 1 has gamma 2
+        // and beta -1, and the others are the identity (eps 0, variance 1).
         let input = BnRelu {
             parts: vec![&[-1.0, 3.0], &[1.0, 2.0, 4.0, 5.0]],
             channels: vec![1, 2],

@@ -23,21 +23,21 @@ pub fn concat_stats(parts: &[&[f32]], channels: &[usize], stats: &mut [f32]) {
     }
 }
 
-/// The concatenation `x` as `[pixels, C]`.
+/// Concatenates the inputs into `x`, a `[pixels, C]` matrix.
 fn concat(input: &BnRelu) -> Vec<f32> {
     let mut x = vec![0f32; input.pixels * input.width()];
     elementwise::concat(&input.parts, &input.channels, &mut x);
     x
 }
 
-/// The batch-norm output `u = bn(x)`.
+/// Computes the batch-norm output `u = bn(x)`.
 fn normalised(input: &BnRelu, x: &[f32]) -> Vec<f32> {
     let mut u = vec![0f32; x.len()];
     norm::bn_apply(x, input.stats, input.affine, input.eps, &mut u);
     u
 }
 
-/// The rectified input `z = relu(bn(x))` of the convolution.
+/// Computes the rectified input `z = relu(bn(x))` of the convolution.
 fn rectified(input: &BnRelu) -> Vec<f32> {
     let u = normalised(input, &concat(input));
     let mut z = vec![0f32; u.len()];
@@ -45,8 +45,8 @@ fn rectified(input: &BnRelu) -> Vec<f32> {
     z
 }
 
-/// The concatenation `x` and the gradient of the batch-norm output,
-/// `du = dz * [u > 0]`.
+/// Computes the concatenation `x` and the gradient of the batch-norm
+/// output, `du = dz * [u > 0]`.
 fn masked_grad(input: &BnRelu, dz: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let x = concat(input);
     let u = normalised(input, &x);
@@ -86,7 +86,7 @@ mod tests {
 
     #[test]
     fn concat_stats_interleaves_rows() {
-        // Part 0 has one channel (mean 1, variance 2); part 1 has two.
+        // Part 0 has one channel (mean 1, variance 2), and part 1 has two.
         let mut stats = [0.0; 6];
         concat_stats(&[&[1.0, 2.0], &[3.0, 4.0, 5.0, 6.0]], &[1, 2], &mut stats);
         assert_eq!(stats, [1.0, 3.0, 4.0, 2.0, 5.0, 6.0]);
