@@ -43,7 +43,10 @@ pub fn differentiate(net: &Network, train: &TrainSpec) -> Result<TrainingGraph> 
 
     // Running gradient sum of every value that has received a contribution.
     let mut grads: HashMap<ValueId, ValueId> = HashMap::new();
-    for (&ce, &weight) in &loss_weights {
+    // Sorted so the graph, and so a built executable, is the same on every run.
+    let mut loss_weights: Vec<(ValueId, f32)> = loss_weights.into_iter().collect();
+    loss_weights.sort_by_key(|&(ce, _)| ce.index());
+    for &(ce, weight) in &loss_weights {
         let inputs = g.inputs(ce);
         let Op::SoftmaxCrossEntropy {
             ignore,

@@ -112,8 +112,11 @@ pub fn save(path: &Path, store: &Store, meta: &Meta) -> Result<(), CheckpointErr
     result.map_err(write_err)
 }
 
+/// Checkpoint tensors by name: shape and data.
+pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Reads a checkpoint's tensors and metadata.
-pub fn load(path: &Path) -> Result<(HashMap<String, (Vec<usize>, Vec<f32>)>, Meta), CheckpointError> {
+pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read {
         path: path.to_path_buf(),
         source,
@@ -171,7 +174,7 @@ pub fn load(path: &Path) -> Result<(HashMap<String, (Vec<usize>, Vec<f32>)>, Met
 pub fn restore(
     path: &Path,
     store: &mut Store,
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: Tensors,
 ) -> Result<(), CheckpointError> {
     let mismatch = |message: String| CheckpointError::Mismatch {
         path: path.to_path_buf(),

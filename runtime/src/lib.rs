@@ -13,6 +13,7 @@ pub mod exec;
 pub mod kernels;
 pub mod metrics;
 pub mod optim;
+pub mod payload;
 pub mod plot;
 pub mod store;
 pub mod train;

@@ -7,10 +7,7 @@
 
 mod cli;
 mod cli_data;
-// TODO: import `ldnc_runtime::payload` instead once the library declares the
-// module; until then the binary compiles the file itself.
-#[path = "payload.rs"]
-mod payload;
+use ldnc_runtime::payload;
 
 use std::process::ExitCode;
 

@@ -269,12 +269,8 @@ fn builds_are_byte_identical() {
     }
 }
 
-// Ignored because `autodiff::differentiate` adds the cross-entropy gradients
-// of a deep-supervision network in hash-map order, so two builds of such a
-// network differ in step order. Run with `--ignored` once that pass sorts
-// its loss heads.
+/// Several loss heads must not make the build order depend on hashing.
 #[test]
-#[ignore = "autodiff adds the loss-head gradients in hash-map order"]
 fn deep_supervision_builds_are_byte_identical() {
     let dir = TempDir::new().expect("temp dir");
     let net = repo().join("examples/log-densenet-v1-cifar.ron");
