@@ -1,0 +1,187 @@
+//! The `ldnc` binary run as a user runs it: every example inspects, training and
+//! evaluation work on the bundled data, and bad input gets a clear error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn ldnc(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ldnc"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the ldnc binary runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn bundled() -> String {
+    format!("fashion-mnist:{}", repo().join("data/fashion-mnist").display())
+}
+
+/// A quick-start network small enough for a few steps in the test profile.
+const SMALL: [&str; 2] = ["--set", "blocks=[1,1,1]"];
+
+#[test]
+fn every_example_inspects() {
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(repo().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ron"))
+        .collect();
+    examples.sort();
+    assert!(examples.len() >= 18, "{examples:?}");
+    for path in examples {
+        let out = ldnc(&["inspect", path.to_str().unwrap(), "--json"], &repo());
+        assert!(out.status.success(), "{}: {}", path.display(), stderr(&out));
+        let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        for key in ["feature_layers", "connections", "mbd", "params", "macs_per_image"] {
+            assert!(report.get(key).is_some(), "{}: no {key}", path.display());
+        }
+        assert!(report["memory"]["naive_bytes"].as_u64().unwrap() > 0);
+        assert!(report["memory"]["planned_bytes"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn inspect_plots_the_connection_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("m.png");
+    let net = repo().join("examples/log-densenet-v1-cifar.ron");
+    let out = ldnc(
+        &["inspect", net.to_str().unwrap(), "--plot", png.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("MBD"));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn malformed_network_names_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("bad.ron");
+    std::fs::write(&net, "(\n  blocks: [4, 4],\n  growth: 12\n  classes: 10,\n)").unwrap();
+    let out = ldnc(&["inspect", net.to_str().unwrap()], dir.path());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("bad.ron:4:"), "{err}");
+    assert!(err.contains("hint"), "{err}");
+}
+
+#[test]
+fn unknown_set_path_lists_fields() {
+    let net = repo().join("examples/quickstart.ron");
+    let out = ldnc(&["inspect", net.to_str().unwrap(), "--set", "grwoth=3"], &repo());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("grwoth"), "{err}");
+    assert!(err.contains("growth"), "{err}");
+}
+
+#[test]
+fn invalid_network_names_the_field() {
+    let net = repo().join("examples/quickstart.ron");
+    let out = ldnc(&["inspect", net.to_str().unwrap(), "--set", "growth=0"], &repo());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("`growth`"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_data_specs_are_explained() {
+    let net = repo().join("examples/quickstart.ron");
+    let net = net.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = ldnc(&["train", net, "--data", "mnist-ish:/x"], dir.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cifar10"), "{}", stderr(&out));
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let spec = format!("fashion-mnist:{}", empty.display());
+    let out = ldnc(&["train", net, "--data", &spec], dir.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("train-images-idx3-ubyte"), "{}", stderr(&out));
+}
+
+#[test]
+fn train_eval_and_refuse_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = repo().join("examples/quickstart.ron");
+    let net = net.to_str().unwrap();
+    let run = dir.path().join("run");
+    let run_arg = run.to_str().unwrap();
+    let data = bundled();
+    let mut args = vec!["train", net, "--data", &data, "--epochs", "1", "--out", run_arg];
+    args.extend(SMALL);
+    args.extend(["--batch", "100", "-q"]);
+    let out = ldnc(&args, dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("final test accuracy"), "{}", stdout(&out));
+    for file in ["checkpoint.safetensors", "metrics.jsonl", "curves.png"] {
+        assert!(run.join(file).exists(), "{file} missing");
+    }
+
+    let out = ldnc(&["eval", run_arg, "--data", &data, "--json"], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(result["images"], 2000);
+    let accuracy = result["top1_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.3, "one epoch should beat chance: {accuracy}");
+
+    // A second run into the same folder must not touch the checkpoint.
+    let before = std::fs::read(run.join("checkpoint.safetensors")).unwrap();
+    let out = ldnc(&args, dir.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--resume"), "{}", stderr(&out));
+    assert_eq!(before, std::fs::read(run.join("checkpoint.safetensors")).unwrap());
+}
+
+#[test]
+fn diverging_loss_stops_with_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = repo().join("examples/quickstart.ron");
+    let data = bundled();
+    let mut args = vec![
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        &data,
+        "--lr",
+        "1e12",
+        "--schedule",
+        "constant",
+        "--epochs",
+        "1",
+        "-q",
+    ];
+    args.extend(SMALL);
+    let out = ldnc(&args, dir.path());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("at step"), "{err}");
+}
+
+#[test]
+fn unreadable_checkpoint_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint.safetensors");
+    std::fs::write(&path, b"not a checkpoint").unwrap();
+    let out = ldnc(
+        &["eval", path.to_str().unwrap(), "--data", &bundled()],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("checkpoint.safetensors"), "{}", stderr(&out));
+}
