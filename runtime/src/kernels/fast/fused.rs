@@ -110,6 +110,10 @@ impl<'a> Loader<'a> {
 /// Fills `col` (`rows x k*k*C`) with the im2col rows of `z` for output
 /// pixels `first .. first + rows`, with zeros for taps in the padding
 /// (the convolution pads `z`, so padded taps are 0 after the ReLU too).
+///
+/// NOTE: with a `k x k` window every input pixel is normalised once per tap
+/// that reads it, up to `k * k` times. Normalising each image once into a
+/// buffer of one image would avoid that repeated work.
 fn pack(win: &Window, loader: &Loader, first: usize, rows: usize, col: &mut [f32]) {
     let c = loader.width;
     let width = win.k * win.k * c;
