@@ -42,6 +42,8 @@ enum Command {
     Build(cli::build::BuildArgs),
     /// Look at a dataset: split sizes, classes, statistics, undecodable files.
     Data(cli_data::DataArgs),
+    /// Time training steps and report memory of a network on random data.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => cli::train::run_eval(&args),
         Command::Build(args) => cli::build::run_build(&args, cli.quiet),
         Command::Data(args) => cli_data::run(args),
+        Command::Bench(args) => cli::bench::run(&args),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Subcommands of the `ldnc` binary.
 
+pub mod bench;
 pub mod build;
 pub mod compile;
 pub mod inspect;
