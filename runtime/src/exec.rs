@@ -55,6 +55,8 @@ pub struct Executor {
     image: Vec<f32>,
     label: Vec<f32>,
     n: usize,
+    /// Seconds spent per op name, when profiling is on.
+    profile: Option<std::collections::BTreeMap<&'static str, (usize, f64)>>,
 }
 
 impl Executor {
@@ -74,7 +76,25 @@ impl Executor {
             image: Vec::new(),
             label: Vec::new(),
             n: 0,
+            profile: None,
         })
+    }
+
+    /// Starts recording time per op name; `profile` returns the totals.
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(Default::default());
+    }
+
+    /// Calls and seconds per op name since `enable_profile`, slowest first.
+    pub fn profile(&self) -> Vec<(&'static str, usize, f64)> {
+        let mut rows: Vec<_> = self
+            .profile
+            .iter()
+            .flatten()
+            .map(|(&op, &(calls, seconds))| (op, calls, seconds))
+            .collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows
     }
 
     pub fn program(&self) -> &Program {
@@ -126,7 +146,13 @@ impl Executor {
         self.n = n;
 
         for s in 0..self.program.steps.len() {
+            let started = self.profile.is_some().then(std::time::Instant::now);
             self.run_step(store, s, params)?;
+            if let (Some(started), Some(profile)) = (started, self.profile.as_mut()) {
+                let entry = profile.entry(self.program.steps[s].op.name()).or_default();
+                entry.0 += 1;
+                entry.1 += started.elapsed().as_secs_f64();
+            }
         }
         Ok(())
     }

@@ -120,6 +120,16 @@ impl Session {
         })
     }
 
+    /// Records time per op in the training executor.
+    pub fn enable_profile(&mut self) {
+        self.train.enable_profile();
+    }
+
+    /// Calls and seconds per op name of the training executor, slowest first.
+    pub fn profile(&self) -> Vec<(&'static str, usize, f64)> {
+        self.train.profile()
+    }
+
     /// Bytes of the training program's temporary buffers at its maximum batch.
     pub fn train_buffer_bytes(&self) -> u64 {
         self.train.buffer_bytes()

@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also print the time spent per op.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,6 +85,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     session
         .train_step(&images, &labels, n, params(0))
         .context("warm-up step failed")?;
+    if args.profile {
+        session.enable_profile();
+    }
     let started = Instant::now();
     for step in 0..args.steps {
         session.train_step(&images, &labels, n, params(step + 1))?;
@@ -104,6 +110,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());
+    }
+    if args.profile {
+        println!("{:<34} {:>7} {:>10}", "op", "calls", "seconds");
+        for (op, calls, seconds) in session.profile() {
+            println!("{op:<34} {calls:>7} {seconds:>10.4}");
+        }
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!(
