@@ -15,6 +15,7 @@ use ldnc_ir::spec::LrSchedule;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointError, Meta};
+use crate::cuda_exec::{CudaExecError, CudaExecutor};
 use crate::data::{Augment, BatchConfig, Batcher, Dataset, Split};
 use crate::exec::{ExecError, Executor, StepParams};
 use crate::kernels::KernelSet;
@@ -28,6 +29,8 @@ pub enum TrainError {
     Exec(#[from] ExecError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Cuda(#[from] CudaExecError),
     #[error(
         "the loss became {value} at step {step} (epoch {epoch}); training stopped. The last \
          good checkpoint is {checkpoint}. Lower the learning rate (--set train.lr=...) or check \
@@ -103,6 +106,9 @@ pub struct Session {
     pub store: Store,
     train: Executor,
     eval: Executor,
+    /// The training program on the GPU, when training runs there; the store is
+    /// then brought up to date by `sync` before evaluation and checkpoints.
+    cuda: Option<Box<CudaExecutor>>,
 }
 
 impl Session {
@@ -117,7 +123,25 @@ impl Session {
             store,
             train,
             eval,
+            cuda: None,
         })
+    }
+
+    /// Moves training steps to CUDA device 0 with the store's current tensors;
+    /// evaluation stays on the CPU.
+    pub fn use_cuda(&mut self, batch: usize) -> Result<(), TrainError> {
+        let mut cuda = CudaExecutor::new(self.net.train.clone(), batch)?;
+        cuda.upload(&self.store)?;
+        self.cuda = Some(Box::new(cuda));
+        Ok(())
+    }
+
+    /// Copies the tensors trained on the GPU back into the store.
+    pub fn sync(&mut self) -> Result<(), TrainError> {
+        if let Some(cuda) = &self.cuda {
+            cuda.download(&mut self.store)?;
+        }
+        Ok(())
     }
 
     /// Records time per op in the training executor.
@@ -162,6 +186,12 @@ impl Session {
         n: usize,
         params: StepParams,
     ) -> Result<(f32, usize), TrainError> {
+        if let Some(cuda) = self.cuda.as_mut() {
+            cuda.run(images, labels, n, params)?;
+            let logits = cuda.final_logits()?;
+            let correct = metrics::correct(&logits, labels, self.net.spec.classes);
+            return Ok((cuda.loss()?, correct));
+        }
         self.train.run(&mut self.store, images, labels, n, params)?;
         let loss = self.train.loss(&self.store)?;
         let logits = self.train.final_logits(&self.store)?;
@@ -276,6 +306,7 @@ pub fn train(
         }
         let train_seconds = started.elapsed().as_secs_f64();
         bar.finish_and_clear();
+        session.sync()?;
 
         let (test_loss, confusion) = session.evaluate(&data.test, data, config.batch)?;
         let row = EpochMetrics {

@@ -185,3 +185,23 @@ fn unreadable_checkpoint_is_named() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("checkpoint.safetensors"), "{}", stderr(&out));
 }
+
+#[test]
+fn cuda_device_fails_clearly_without_a_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = repo().join("examples/quickstart.ron");
+    let data = bundled();
+    let base = ["train", net.to_str().unwrap(), "--data", &data, "-q"];
+
+    let out = ldnc(&[&base[..], &["--device", "tpu"]].concat(), dir.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("use cpu, cuda or cuda:0"), "{}", stderr(&out));
+
+    let out = ldnc(&[&base[..], &["--device", "cuda", "--no-fuse"]].concat(), dir.path());
+    if out.status.success() {
+        eprintln!("SKIPPED cuda_device_fails_clearly_without_a_gpu: a GPU trained the network");
+        return;
+    }
+    let err = stderr(&out);
+    assert!(err.contains("--device cpu") || err.contains("CUDA"), "{err}");
+}

@@ -79,6 +79,10 @@ pub struct TrainOptions {
     /// CPU kernel set.
     #[arg(long, value_enum, default_value = "fast")]
     pub kernels: Kernels,
+    /// Where training steps run: `cpu`, or `cuda` / `cuda:0` for the first GPU
+    /// (evaluation runs on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Give every value its own buffer instead of sharing buffers by liveness.
     #[arg(long)]
     pub no_plan: bool,
@@ -124,6 +128,7 @@ pub fn run_train(args: &TrainArgs, quiet: bool) -> Result<()> {
 
 /// Trains the network of `source` as `options` ask, from scratch or resuming.
 pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Result<()> {
+    let cuda = parse_device(&args.device)?;
     let (spec, config, start, out) = match &args.resume {
         Some(dir) => resume_settings(source, args, dir)?,
         None => {
@@ -153,6 +158,25 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
             out.display()
         );
     }
+    if cuda {
+        let fused = session
+            .net
+            .train
+            .steps
+            .iter()
+            .any(|s| matches!(s.op, ldnc_ir::Op::BnReluConv { .. } | ldnc_ir::Op::ConcatStats));
+        // TODO: lower the fused ops to CUDA so fused programs can train on a GPU.
+        if fused {
+            bail!(
+                "--device {}: the fused ops have no CUDA kernels yet; add --no-fuse to train \
+                 the unfused program on the GPU",
+                args.device
+            );
+        }
+        session
+            .use_cuda(config.batch)
+            .with_context(|| format!("cannot train on `{}`", args.device))?;
+    }
     if !quiet {
         println!(
             "training {} on {} ({} train / {} test images), {} parameters, output in {}",
@@ -175,6 +199,19 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
         );
     }
     Ok(())
+}
+
+/// Whether `--device` asks for CUDA; rejects anything but `cpu`, `cuda`, `cuda:0`.
+fn parse_device(device: &str) -> Result<bool> {
+    match device {
+        "cpu" => Ok(false),
+        "cuda" | "cuda:0" => Ok(true),
+        other if other.starts_with("cuda:") => bail!(
+            "--device {other}: only the first GPU (cuda:0) is supported; \
+             choose it with CUDA_VISIBLE_DEVICES"
+        ),
+        other => bail!("--device {other} is not a device; use cpu, cuda or cuda:0"),
+    }
 }
 
 fn config_from(spec: &NetSpec, args: &TrainOptions, quiet: bool) -> TrainConfig {
