@@ -191,7 +191,17 @@ fn cuda_device_fails_clearly_without_a_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let net = repo().join("examples/quickstart.ron");
     let data = bundled();
-    let base = ["train", net.to_str().unwrap(), "--data", &data, "-q"];
+    let base = [
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        &data,
+        "-q",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+    ];
 
     let out = ldnc(&[&base[..], &["--device", "tpu"]].concat(), dir.path());
     assert!(!out.status.success());

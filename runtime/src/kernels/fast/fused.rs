@@ -1,38 +1,46 @@
 //! Fast fused BN-ReLU kernels that never materialise the concatenation
 //! `x = concat(x_1 .. x_m)`, its batch-norm output `u = bn(x)` or the
-//! rectified input `z = relu(u)` of the convolution for the whole layer.
+//! rectified input `z = relu(u)` of the convolution for the whole batch.
 //!
-//! The convolution and its filter gradient pack one GEMM operand per block
-//! of `BLOCK_PIXELS` output pixels, as the unfused convolutions do, but fill
-//! it with `z` computed while loading. Each tap of an im2col row reads the
-//! pixel from every input's own slice, then normalises and rectifies it. For a 1x1
-//! stride-1 convolution without padding the packed rows are the rectified
-//! pixels themselves. A rayon task therefore holds one `rows x k*k*C` block,
-//! never a layer-sized buffer. The batch-norm gradients recompute `u` per
-//! element for the ReLU mask, in two passes over blocks of pixels: per-channel
-//! sums, then the element-wise gradient.
+//! The convolution and its filter gradient walk the batch in chunks of whole
+//! images. For each chunk they write `z` into one scratch buffer, a
+//! contiguous NHWC matrix with the channels of all inputs side by side, and
+//! run the unfused fast convolution kernel on it. A 1x1 stride-1 convolution
+//! without padding is a product per pixel, so it treats every pixel as a 1x1
+//! image and chunks by pixels. The scratch buffer therefore holds one chunk,
+//! never the layer. The batch-norm gradients read the inputs where they lie,
+//! in two passes over blocks of pixels: per-channel sums, then the
+//! element-wise gradient.
+//!
+//! Every loop over pixels runs input by input, then pixel by pixel, then over
+//! that input's contiguous channels, so the inner loop has no branch on which
+//! input a channel belongs to and vectorises.
 //!
 //! The normalisation is `u = x * scale + shift` in f32, with
 //! `scale = gamma / sqrt(var + eps)` and `shift = beta - mean * scale`, as in
 //! the fast `bn_apply`, so the fused and the unfused fast kernels agree on the
-//! ReLU mask. Sums of the gradients run in f64, one partial per block, added
-//! in block order, so the rounding does not depend on the thread schedule.
+//! ReLU mask. Sums of the gradients run in f64, one partial per block of
+//! pixels, added in block order, so they do not depend on the thread count.
+//! The convolution kernels split their work by thread count, as documented in
+//! `conv.rs`, and the chunks add their filter gradients in chunk order, so
+//! every result is deterministic for a given thread count.
 
-use super::matmul::{matmul, Mat};
+use super::conv;
 use crate::kernels::dispatch::BnRelu;
 use crate::kernels::layout::{ConvShape, Window};
 use rayon::prelude::*;
 
-/// Output pixels per packed GEMM block. A block of `k * k * C` columns then
-/// takes `256 * 9 * C * 4` bytes, under 3 MiB for C up to 256 at k = 3.
-const BLOCK_PIXELS: usize = 256;
-
-/// Pixels per rayon task in the batch-norm gradient passes.
+/// Pixels per rayon task in normalisation and batch-norm gradient passes.
 const BLOCK_ROWS: usize = 512;
 
-/// Reads `z = relu(bn(concat(x)))` and `u = bn(concat(x))` from the separate
-/// inputs of a fused op.
-struct Loader<'a> {
+/// Big-side pixels per thread in one convolution chunk. At the convolution's
+/// 256-pixel GEMM blocks this gives each thread about eight blocks per chunk,
+/// and with C = 256 channels a chunk takes 2 MiB of scratch per thread.
+const CHUNK_PIXELS_PER_THREAD: usize = 2048;
+
+/// The per-channel affine form of `bn` and the place of each input within the
+/// concatenation.
+struct Normaliser<'a> {
     input: &'a BnRelu<'a>,
     /// Channels of the concatenation.
     width: usize,
@@ -46,8 +54,16 @@ struct Loader<'a> {
     shift: Vec<f32>,
 }
 
-impl<'a> Loader<'a> {
-    fn new(input: &'a BnRelu<'a>) -> Loader<'a> {
+/// One input seen over a block of pixels: its channel range within the
+/// concatenation and its rows for those pixels.
+struct Part<'a> {
+    first: usize,
+    channels: usize,
+    rows: &'a [f32],
+}
+
+impl<'a> Normaliser<'a> {
+    fn new(input: &'a BnRelu<'a>) -> Normaliser<'a> {
         let width = input.width();
         let offsets = input
             .channels
@@ -67,7 +83,7 @@ impl<'a> Loader<'a> {
         let shift = (0..width)
             .map(|ch| affine[width + ch] - stats[ch] * scale[ch])
             .collect();
-        Loader {
+        Normaliser {
             input,
             width,
             offsets,
@@ -77,166 +93,182 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// Iterates over the inputs as `(first channel, channels, pixel values)`
-    /// for pixel `pixel` of the batch.
-    fn parts_at(&self, pixel: usize) -> impl Iterator<Item = (usize, usize, &'a [f32])> + '_ {
+    /// Iterates over the inputs with at least one channel, restricted to
+    /// pixels `first .. first + rows` of the batch.
+    fn parts(&self, first: usize, rows: usize) -> impl Iterator<Item = Part<'a>> + '_ {
         let input = self.input;
         input
             .parts
             .iter()
             .zip(&input.channels)
             .zip(&self.offsets)
-            .map(move |((part, &c), &first)| (first, c, &part[pixel * c..(pixel + 1) * c]))
+            .filter(|((_, &c), _)| c > 0)
+            .map(move |((part, &c), &offset)| Part {
+                first: offset,
+                channels: c,
+                rows: &part[first * c..(first + rows) * c],
+            })
     }
 
-    /// Writes the `C` values of `z` at pixel `pixel` of the batch into `dst`.
-    #[inline]
-    fn load(&self, pixel: usize, dst: &mut [f32]) {
-        for (first, c, x) in self.parts_at(pixel) {
-            let scale = &self.scale[first..first + c];
-            let shift = &self.shift[first..first + c];
-            for (((z, &xv), &a), &b) in dst[first..first + c]
-                .iter_mut()
-                .zip(x)
-                .zip(scale)
-                .zip(shift)
+    /// Writes `z = relu(bn(x))` for pixels `first .. first + rows` of the
+    /// batch into `z`, a `[rows, C]` matrix, serially.
+    fn rectify_block(&self, first: usize, z: &mut [f32]) {
+        let c = self.width;
+        let rows = z.len() / c;
+        for part in self.parts(first, rows) {
+            let range = part.first..part.first + part.channels;
+            let (scale, shift) = (&self.scale[range.clone()], &self.shift[range.clone()]);
+            for (z_row, x_row) in z
+                .chunks_exact_mut(c)
+                .zip(part.rows.chunks_exact(part.channels))
             {
-                *z = (xv * a + b).max(0.0);
-            }
-        }
-    }
-}
-
-/// Fills `col` (`rows x k*k*C`) with the im2col rows of `z` for output
-/// pixels `first .. first + rows`, with zeros for taps in the padding
-/// (the convolution pads `z`, so padded taps are 0 after the ReLU too).
-///
-/// NOTE: with a `k x k` window every input pixel is normalised once per tap
-/// that reads it, up to `k * k` times. Normalising each image once into a
-/// buffer of one image would avoid that repeated work.
-fn pack(win: &Window, loader: &Loader, first: usize, rows: usize, col: &mut [f32]) {
-    let c = loader.width;
-    let width = win.k * win.k * c;
-    if width == 0 {
-        return;
-    }
-    let pointwise = win.k == 1 && win.stride == 1 && win.pad == 0;
-    let per_image = win.small_h * win.small_w;
-    for (r, row) in col[..rows * width].chunks_exact_mut(width).enumerate() {
-        let pixel = first + r;
-        if pointwise {
-            loader.load(pixel, row);
-            continue;
-        }
-        let (img, sy, sx) = (
-            pixel / per_image,
-            pixel % per_image / win.small_w,
-            pixel % win.small_w,
-        );
-        for ky in 0..win.k {
-            let by = win.big_coord(sy, ky, win.big_h);
-            for kx in 0..win.k {
-                let tap = ky * win.k + kx;
-                let dst = &mut row[tap * c..(tap + 1) * c];
-                match (by, win.big_coord(sx, kx, win.big_w)) {
-                    (Some(by), Some(bx)) => {
-                        loader.load((img * win.big_h + by) * win.big_w + bx, dst);
-                    }
-                    _ => dst.fill(0.0),
+                for (((out, &x), &a), &b) in z_row[range.clone()]
+                    .iter_mut()
+                    .zip(x_row)
+                    .zip(scale)
+                    .zip(shift)
+                {
+                    *out = (x * a + b).max(0.0);
                 }
             }
         }
     }
-}
 
-/// `y = im2col(z) * W` with `W = w` as `[k*k*C, cout]`, one packed block of
-/// output pixels per rayon task.
-pub fn bn_relu_conv(shape: &ConvShape, input: &BnRelu, w: &[f32], y: &mut [f32]) {
-    let loader = Loader::new(input);
-    let cout = shape.cout;
-    let width = shape.taps() * shape.cin;
-    let wmat = Mat::new(w, width, cout);
-    y.par_chunks_mut((BLOCK_PIXELS * cout).max(1))
-        .enumerate()
-        .for_each_init(Vec::new, |col, (block, out)| {
-            let rows = out.len() / cout.max(1);
-            col.resize(rows * width, 0.0);
-            pack(&shape.win, &loader, block * BLOCK_PIXELS, rows, col);
-            matmul(out, Mat::new(col, rows, width), wmat, false, false);
-        });
-}
-
-/// `dw = im2col(z)^T * dy`, a `[k*k*C, cout]` matrix. Each rayon task sums an
-/// equal share of the pixel blocks into one partial, as the unfused filter
-/// gradient does, so the partials cost one weight-sized buffer per task.
-pub fn bn_relu_conv_backward_filter(shape: &ConvShape, input: &BnRelu, dy: &[f32], dw: &mut [f32]) {
-    let loader = Loader::new(input);
-    let cout = shape.cout;
-    let width = shape.taps() * shape.cin;
-    let pixels = shape.win.small_pixels();
-    let blocks = pixels.div_ceil(BLOCK_PIXELS);
-    let shares = rayon::current_num_threads().min(blocks).max(1);
-    let partials: Vec<Vec<f32>> = (0..shares)
-        .into_par_iter()
-        .map(|share| {
-            let mut acc = vec![0f32; dw.len()];
-            let mut col = Vec::new();
-            for block in share * blocks / shares..(share + 1) * blocks / shares {
-                let first = block * BLOCK_PIXELS;
-                let rows = BLOCK_PIXELS.min(pixels - first);
-                col.resize(rows * width, 0.0);
-                pack(&shape.win, &loader, first, rows, &mut col);
-                let lhs = Mat::new(&col, rows, width).t();
-                let rhs = Mat::new(&dy[first * cout..(first + rows) * cout], rows, cout);
-                matmul(&mut acc, lhs, rhs, true, false);
-            }
-            acc
-        })
-        .collect();
-
-    dw.fill(0.0);
-    for partial in partials {
-        for (g, p) in dw.iter_mut().zip(&partial) {
-            *g += p;
+    /// Writes `z = relu(bn(x))` for pixels `first .. first + rows` of the
+    /// batch into `z`, a `[rows, C]` matrix, in parallel over pixel blocks.
+    fn rectify(&self, first: usize, z: &mut [f32]) {
+        let c = self.width;
+        if c == 0 {
+            return;
         }
+        z.par_chunks_mut(BLOCK_ROWS * c)
+            .enumerate()
+            .for_each(|(block, out)| self.rectify_block(first + block * BLOCK_ROWS, out));
     }
 }
 
-/// Calls `f(channel, xhat, du)` for every channel of pixel `pixel`, with
-/// `xhat = (x - mean) * inv` and `du = dz * [u > 0]` the gradient of the
-/// batch-norm output. `dz_row` is the pixel's row of `dz`.
-#[inline]
-fn for_each_masked(
-    loader: &Loader,
-    pixel: usize,
-    dz_row: &[f32],
-    mut f: impl FnMut(usize, f32, f32),
+/// The window a chunked convolution sweeps: the layer's window, or, for a
+/// 1x1 stride-1 convolution without padding, one 1x1 image per pixel, so that
+/// its chunks need not hold whole images.
+fn chunk_window(win: &Window) -> Window {
+    if win.k == 1 && win.stride == 1 && win.pad == 0 {
+        Window {
+            n: win.big_pixels(),
+            big_h: 1,
+            big_w: 1,
+            small_h: 1,
+            small_w: 1,
+            ..*win
+        }
+    } else {
+        *win
+    }
+}
+
+/// Images per convolution chunk: about `CHUNK_PIXELS_PER_THREAD` big-side
+/// pixels per thread, at least one image, and at most half the batch, so that
+/// no chunk holds the whole batch unless the batch is a single image.
+fn chunk_images(win: &Window) -> usize {
+    let budget = CHUNK_PIXELS_PER_THREAD * rayon::current_num_threads();
+    let per_image = (win.big_h * win.big_w).max(1);
+    (budget / per_image).clamp(1, win.n.div_ceil(2).max(1))
+}
+
+/// Calls `f(chunk_shape, z, first_image)` for each chunk of images of
+/// `shape`, in order, where `z` holds `relu(bn(x))` of the chunk's big-side
+/// pixels and `chunk_shape` is the convolution over that chunk alone.
+fn for_each_chunk(
+    shape: &ConvShape,
+    input: &BnRelu,
+    mut f: impl FnMut(&ConvShape, &[f32], usize),
 ) {
-    let mean = loader.input.stats;
-    for (first, _, x) in loader.parts_at(pixel) {
-        for (j, &xv) in x.iter().enumerate() {
-            let ch = first + j;
-            let u = xv * loader.scale[ch] + loader.shift[ch];
-            let du = if u > 0.0 { dz_row[ch] } else { 0.0 };
-            f(ch, (xv - mean[ch]) * loader.inv[ch], du);
+    let norm = Normaliser::new(input);
+    let win = chunk_window(&shape.win);
+    let per_image = win.big_h * win.big_w;
+    let step = chunk_images(&win);
+    let mut z = vec![0f32; step * per_image * norm.width];
+    for first in (0..win.n).step_by(step) {
+        let images = step.min(win.n - first);
+        let z = &mut z[..images * per_image * norm.width];
+        norm.rectify(first * per_image, z);
+        let chunk_shape = ConvShape {
+            win: Window { n: images, ..win },
+            ..*shape
+        };
+        f(&chunk_shape, z, first);
+    }
+}
+
+/// `y = conv(relu(bn(concat(x))), w)`, computed chunk by chunk.
+pub fn bn_relu_conv(shape: &ConvShape, input: &BnRelu, w: &[f32], y: &mut [f32]) {
+    let cout = shape.cout;
+    for_each_chunk(shape, input, |chunk, z, first| {
+        let per_image = chunk.win.small_h * chunk.win.small_w * cout;
+        let out = &mut y[first * per_image..(first + chunk.win.n) * per_image];
+        conv::conv2d(chunk, z, w, out);
+    });
+}
+
+/// `dw = im2col(z)^T * dy`, a `[k*k*C, cout]` matrix, as the sum over chunks
+/// of each chunk's filter gradient, added in chunk order.
+pub fn bn_relu_conv_backward_filter(shape: &ConvShape, input: &BnRelu, dy: &[f32], dw: &mut [f32]) {
+    let cout = shape.cout;
+    let mut partial = vec![0f32; dw.len()];
+    dw.fill(0.0);
+    for_each_chunk(shape, input, |chunk, z, first| {
+        let per_image = chunk.win.small_h * chunk.win.small_w * cout;
+        let dy = &dy[first * per_image..(first + chunk.win.n) * per_image];
+        conv::conv2d_backward_filter(chunk, z, dy, &mut partial);
+        for (g, p) in dw.iter_mut().zip(&partial) {
+            *g += p;
+        }
+    });
+}
+
+/// Adds, for every channel of pixels `first .. first + rows`, `du` to
+/// `sums[ch]` and `du * xhat` to `sums[C + ch]`, where
+/// `xhat = (x - mean) * inv` and `du = dz * [u > 0]` is the gradient of the
+/// batch-norm output. `dz` holds the block's `[rows, C]` rows.
+fn add_masked_sums(norm: &Normaliser, first: usize, dz: &[f32], sums: &mut [f64]) {
+    let c = norm.width;
+    let rows = dz.len() / c;
+    let mean = norm.input.stats;
+    let (sum_du, sum_du_xhat) = sums.split_at_mut(c);
+    for part in norm.parts(first, rows) {
+        let range = part.first..part.first + part.channels;
+        let (scale, shift) = (&norm.scale[range.clone()], &norm.shift[range.clone()]);
+        let (mean, inv) = (&mean[range.clone()], &norm.inv[range.clone()]);
+        let (acc_du, acc_du_xhat) = (&mut sum_du[range.clone()], &mut sum_du_xhat[range.clone()]);
+        for (x_row, dz_row) in part
+            .rows
+            .chunks_exact(part.channels)
+            .zip(dz.chunks_exact(c))
+        {
+            let dz_row = &dz_row[range.clone()];
+            for j in 0..part.channels {
+                let x = x_row[j];
+                let u = x * scale[j] + shift[j];
+                let du = if u > 0.0 { dz_row[j] } else { 0.0 };
+                let xhat = (x - mean[j]) * inv[j];
+                acc_du[j] += du as f64;
+                acc_du_xhat[j] += (du * xhat) as f64;
+            }
         }
     }
 }
 
 /// Per-channel `[sum du; sum du * xhat]` over the batch, as `2 * C` values.
-fn masked_sums(loader: &Loader, dz: &[f32]) -> Vec<f64> {
-    let (c, pixels) = (loader.width, loader.input.pixels);
-    let partials: Vec<Vec<f64>> = (0..pixels.div_ceil(BLOCK_ROWS))
-        .into_par_iter()
-        .map(|block| {
+fn masked_sums(norm: &Normaliser, dz: &[f32]) -> Vec<f64> {
+    let c = norm.width;
+    if c == 0 {
+        return Vec::new();
+    }
+    let partials: Vec<Vec<f64>> = dz
+        .par_chunks(BLOCK_ROWS * c)
+        .enumerate()
+        .map(|(block, dz)| {
             let mut acc = vec![0f64; 2 * c];
-            for pixel in block * BLOCK_ROWS..((block + 1) * BLOCK_ROWS).min(pixels) {
-                let dz_row = &dz[pixel * c..(pixel + 1) * c];
-                for_each_masked(loader, pixel, dz_row, |ch, xhat, du| {
-                    acc[ch] += du as f64;
-                    acc[c + ch] += du as f64 * xhat as f64;
-                });
-            }
+            add_masked_sums(norm, block * BLOCK_ROWS, dz, &mut acc);
             acc
         })
         .collect();
@@ -254,25 +286,42 @@ fn masked_sums(loader: &Loader, dz: &[f32]) -> Vec<f64> {
 /// batch statistics: `dx = gamma * inv / m * (m * du - sum du - xhat * sum(du * xhat))`
 /// over the `m` pixels of the batch, where `du = dz * [u > 0]`.
 pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
-    let loader = Loader::new(input);
-    let c = loader.width;
+    let norm = Normaliser::new(input);
+    let c = norm.width;
     if c == 0 {
         return;
     }
     let m = input.pixels as f64;
-    let sums = masked_sums(&loader, dz);
+    let sums = masked_sums(&norm, dz);
     let mean_du: Vec<f32> = sums[..c].iter().map(|s| (s / m) as f32).collect();
     let mean_du_xhat: Vec<f32> = sums[c..].iter().map(|s| (s / m) as f32).collect();
 
     dx.par_chunks_mut(BLOCK_ROWS * c)
+        .zip(dz.par_chunks(BLOCK_ROWS * c))
         .enumerate()
-        .for_each(|(block, out)| {
-            for (r, row) in out.chunks_exact_mut(c).enumerate() {
-                let pixel = block * BLOCK_ROWS + r;
-                let dz_row = &dz[pixel * c..(pixel + 1) * c];
-                for_each_masked(&loader, pixel, dz_row, |ch, xhat, du| {
-                    row[ch] = loader.scale[ch] * (du - mean_du[ch] - xhat * mean_du_xhat[ch]);
-                });
+        .for_each(|(block, (dx, dz))| {
+            let rows = dx.len() / c;
+            for part in norm.parts(block * BLOCK_ROWS, rows) {
+                let range = part.first..part.first + part.channels;
+                let (scale, shift) = (&norm.scale[range.clone()], &norm.shift[range.clone()]);
+                let (mean, inv) = (&input.stats[range.clone()], &norm.inv[range.clone()]);
+                let (mean_du, mean_du_xhat) =
+                    (&mean_du[range.clone()], &mean_du_xhat[range.clone()]);
+                for ((x_row, dz_row), dx_row) in part
+                    .rows
+                    .chunks_exact(part.channels)
+                    .zip(dz.chunks_exact(c))
+                    .zip(dx.chunks_exact_mut(c))
+                {
+                    let (dz_row, dx_row) = (&dz_row[range.clone()], &mut dx_row[range.clone()]);
+                    for j in 0..part.channels {
+                        let x = x_row[j];
+                        let u = x * scale[j] + shift[j];
+                        let du = if u > 0.0 { dz_row[j] } else { 0.0 };
+                        let xhat = (x - mean[j]) * inv[j];
+                        dx_row[j] = scale[j] * (du - mean_du[j] - xhat * mean_du_xhat[j]);
+                    }
+                }
             }
         });
 }
@@ -281,9 +330,9 @@ pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
 /// `dgamma = sum du * xhat` (row 0) and `dbeta = sum du` (row 1), where
 /// `du = dz * [u > 0]`.
 pub fn bn_relu_affine_grad(input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
-    let loader = Loader::new(input);
-    let c = loader.width;
-    let sums = masked_sums(&loader, dz);
+    let norm = Normaliser::new(input);
+    let c = norm.width;
+    let sums = masked_sums(&norm, dz);
     for ch in 0..c {
         grad[ch] = sums[c + ch] as f32;
         grad[c + ch] = sums[ch] as f32;
@@ -294,23 +343,51 @@ pub fn bn_relu_affine_grad(input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn loader_reads_each_input_slice() {
-        // Two inputs of 1 and 2 channels over 2 pixels. Channel 1 has gamma 2
-        // and beta -1, and the others are the identity (eps 0, variance 1).
-        let input = BnRelu {
+    /// Two inputs of 1 and 2 channels over 2 pixels. Channel 1 has gamma 2
+    /// and beta -1, and the others are the identity (eps 0, variance 1).
+    fn two_inputs() -> BnRelu<'static> {
+        BnRelu {
             parts: vec![&[-1.0, 3.0], &[1.0, 2.0, 4.0, 5.0]],
             channels: vec![1, 2],
             pixels: 2,
             stats: &[0.0, 0.0, 0.0, 1.0, 1.0, 1.0],
             affine: &[1.0, 2.0, 1.0, 0.0, -1.0, 0.0],
             eps: 0.0,
-        };
-        let loader = Loader::new(&input);
+        }
+    }
+
+    #[test]
+    fn rectify_reads_each_input_slice() {
+        let input = two_inputs();
+        let norm = Normaliser::new(&input);
+        let mut z = [9.0; 6];
+        norm.rectify(0, &mut z);
+        assert_eq!(z, [0.0, 1.0, 2.0, 3.0, 7.0, 5.0]);
         let mut z = [9.0; 3];
-        loader.load(0, &mut z);
-        assert_eq!(z, [0.0, 1.0, 2.0]);
-        loader.load(1, &mut z);
+        norm.rectify(1, &mut z);
         assert_eq!(z, [3.0, 7.0, 5.0]);
+    }
+
+    #[test]
+    fn affine_grad_masks_negative_outputs() {
+        // u = [[-1, 1, 2], [3, 7, 5]], so only pixel 0 of channel 0 is masked.
+        let input = two_inputs();
+        let mut grad = [0.0; 6];
+        bn_relu_affine_grad(&input, &[1.0, 1.0, 1.0, 2.0, 2.0, 2.0], &mut grad);
+        assert_eq!(grad, [6.0, 9.0, 12.0, 2.0, 3.0, 3.0]);
+    }
+
+    #[test]
+    fn pointwise_chunks_are_pixels() {
+        let op = ldnc_ir::Op::Conv2d {
+            k: 1,
+            stride: 1,
+            pad: 0,
+        };
+        let win = Window::new(&op, 3, (4, 5), (4, 5), (1, 1, 0)).expect("window fits");
+        let chunks = chunk_window(&win);
+        assert_eq!(chunks.n, 60);
+        assert_eq!((chunks.big_h, chunks.small_w), (1, 1));
+        assert!(chunk_images(&chunks) <= 30);
     }
 }
