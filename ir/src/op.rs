@@ -16,9 +16,13 @@ use crate::graph::TensorType;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Init {
     /// Normal with standard deviation `sqrt(2 / fan)` (He et al., 2015).
-    HeNormal { fan: usize },
+    HeNormal {
+        fan: usize,
+    },
     /// Uniform in `[-bound, bound]`.
-    Uniform { bound: f32 },
+    Uniform {
+        bound: f32,
+    },
     /// Row 0 ones, row 1 zeros: batch-norm affine parameters (gamma = 1, beta = 0).
     BnAffine,
     /// Row 0 zeros (mean), row 1 ones (variance).
@@ -53,55 +57,129 @@ pub enum Op {
     // ---- leaves
     Image,
     Label,
-    Param { init: Init },
-    State { init: Init },
+    Param {
+        init: Init,
+    },
+    State {
+        init: Init,
+    },
     /// SGD velocity of the parameter with the same shape.
     Velocity,
 
     // ---- forward
-    Conv2d { k: usize, stride: usize, pad: usize },
-    ConvTranspose2d { k: usize, stride: usize, pad: usize, out_pad: usize },
+    Conv2d {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    ConvTranspose2d {
+        k: usize,
+        stride: usize,
+        pad: usize,
+        out_pad: usize,
+    },
     BnStats,
-    BnApply { eps: f32 },
+    BnApply {
+        eps: f32,
+    },
     Relu,
     Concat,
-    AvgPool { k: usize, stride: usize, pad: usize },
-    MaxPool { k: usize, stride: usize, pad: usize },
+    AvgPool {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    MaxPool {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
     GlobalAvgPool,
     /// `y = x w + b` with `x: [N, C]`, `w: [C, K]`, `b: [K]`.
     Linear,
     /// A mask of 0 and `1 / (1 - p)` drawn fresh every step.
-    DropoutMask { p: f32 },
+    DropoutMask {
+        p: f32,
+    },
     Mul,
     /// Element-wise sum of any number of operands of one type.
     Sum,
-    Scale { factor: f32 },
+    Scale {
+        factor: f32,
+    },
     /// Top-left crop to `h x w` (FC-DenseNet up path, where a transposed conv
     /// overshoots an odd-sized skip connection).
-    Crop { h: usize, w: usize },
+    Crop {
+        h: usize,
+        w: usize,
+    },
     /// Mean softmax cross-entropy over labelled positions, weighted by
     /// `class_weights[label]` and normalised by the sum of those weights.
-    SoftmaxCrossEntropy { ignore: Option<u32>, class_weights: Option<Vec<f32>> },
+    SoftmaxCrossEntropy {
+        ignore: Option<u32>,
+        class_weights: Option<Vec<f32>>,
+    },
 
     // ---- backward
-    Conv2dBackwardData { k: usize, stride: usize, pad: usize, in_h: usize, in_w: usize },
-    Conv2dBackwardFilter { k: usize, stride: usize, pad: usize },
-    ConvTranspose2dBackwardData { k: usize, stride: usize, pad: usize },
-    ConvTranspose2dBackwardFilter { k: usize, stride: usize, pad: usize },
-    BnBackward { eps: f32 },
-    BnAffineGrad { eps: f32 },
+    Conv2dBackwardData {
+        k: usize,
+        stride: usize,
+        pad: usize,
+        in_h: usize,
+        in_w: usize,
+    },
+    Conv2dBackwardFilter {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    ConvTranspose2dBackwardData {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    ConvTranspose2dBackwardFilter {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    BnBackward {
+        eps: f32,
+    },
+    BnAffineGrad {
+        eps: f32,
+    },
     /// `dx = dy * [x > 0]` with operands `(x, dy)`.
     ReluBackward,
     /// Channels `start .. start + len` of the operand (the VJP of `Concat`).
-    Slice { start: usize, len: usize },
-    AvgPoolBackward { k: usize, stride: usize, pad: usize, in_h: usize, in_w: usize },
-    MaxPoolBackward { k: usize, stride: usize, pad: usize },
-    GlobalAvgPoolBackward { h: usize, w: usize },
+    Slice {
+        start: usize,
+        len: usize,
+    },
+    AvgPoolBackward {
+        k: usize,
+        stride: usize,
+        pad: usize,
+        in_h: usize,
+        in_w: usize,
+    },
+    MaxPoolBackward {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    GlobalAvgPoolBackward {
+        h: usize,
+        w: usize,
+    },
     LinearBackwardData,
     LinearBackwardWeight,
     /// Sum over the batch dimension (bias gradients).
     SumBatch,
-    CropBackward { h: usize, w: usize },
+    CropBackward {
+        h: usize,
+        w: usize,
+    },
     /// `weight * d(loss)/d(logits)` with operands `(logits, labels)`.
     SoftmaxCrossEntropyBackward {
         weight: f32,
@@ -117,29 +195,52 @@ pub enum Op {
     /// `(x_1, .., x_m, stats, affine, w)`: reads every input from its own buffer and
     /// normalises and rectifies while loading, so the concatenation and the BN and
     /// ReLU outputs never exist.
-    BnReluConv { k: usize, stride: usize, pad: usize, eps: f32 },
+    BnReluConv {
+        k: usize,
+        stride: usize,
+        pad: usize,
+        eps: f32,
+    },
     /// Weight gradient of `BnReluConv`, operands `(x_1, .., x_m, stats, affine, dy)`;
     /// recomputes the normalised, rectified input instead of reading a stored copy.
-    BnReluConvBackwardFilter { k: usize, stride: usize, pad: usize, eps: f32 },
+    BnReluConvBackwardFilter {
+        k: usize,
+        stride: usize,
+        pad: usize,
+        eps: f32,
+    },
     /// Gradient of `relu(bn(concat(x)))` with respect to the concatenation, operands
     /// `(x_1, .., x_m, stats, affine, dz)` where `dz` is the gradient of the ReLU output.
-    BnReluBackward { eps: f32 },
+    BnReluBackward {
+        eps: f32,
+    },
     /// Gradient of the batch-norm affine parameters inside `relu(bn(concat(x)))`,
     /// operands `(x_1, .., x_m, stats, affine, dz)`.
-    BnReluAffineGrad { eps: f32 },
+    BnReluAffineGrad {
+        eps: f32,
+    },
 
     // ---- side effects
     /// `running = (1 - m) * running + m * batch`, with the unbiased variance;
     /// operands `(state, stats)`. `per_item` is the number of elements averaged per
     /// channel for one image (`h * w`), which the unbiased correction needs.
-    BnRunningUpdate { momentum: f32, per_item: usize },
+    BnRunningUpdate {
+        momentum: f32,
+        per_item: usize,
+    },
     /// SGD with momentum and weight decay, operands `(param, grad, velocity)`; the
     /// learning rate comes from the executor at every step.
-    SgdUpdate { momentum: f32, weight_decay: f32, nesterov: bool },
+    SgdUpdate {
+        momentum: f32,
+        weight_decay: f32,
+        nesterov: bool,
+    },
 }
 
 fn out_size(input: usize, k: usize, stride: usize, pad: usize) -> Option<usize> {
-    (input + 2 * pad).checked_sub(k).map(|span| span / stride + 1)
+    (input + 2 * pad)
+        .checked_sub(k)
+        .map(|span| span / stride + 1)
 }
 
 fn expect_arity(types: &[&TensorType], n: usize) -> Result<(), String> {
@@ -163,14 +264,21 @@ fn expect_rank(t: &TensorType, rank: usize, what: &str) -> Result<(), String> {
 /// more operands. Returns `(h, w, C)` with `C` the total channels.
 fn fused_inputs(t: &[&TensorType], trailing: usize) -> Result<(usize, usize, usize), String> {
     if t.len() < trailing + 1 {
-        return Err(format!("expected at least {} operands, got {}", trailing + 1, t.len()));
+        return Err(format!(
+            "expected at least {} operands, got {}",
+            trailing + 1,
+            t.len()
+        ));
     }
     let xs = &t[..t.len() - trailing];
     let mut c = 0;
     for x in xs {
         expect_rank(x, 3, "input")?;
         if !x.batched || x.dims[..2] != xs[0].dims[..2] {
-            return Err(format!("inputs differ in spatial size: {} and {}", xs[0], x));
+            return Err(format!(
+                "inputs differ in spatial size: {} and {}",
+                xs[0], x
+            ));
         }
         c += x.dims[2];
     }
@@ -394,9 +502,7 @@ impl Op {
                 }
                 Ok(TensorType::fixed(&[1]))
             }
-            Op::Conv2dBackwardData {
-                k, in_h, in_w, ..
-            } => {
+            Op::Conv2dBackwardData { k, in_h, in_w, .. } => {
                 expect_arity(t, 2)?;
                 let wd = &t[1].dims;
                 if wd.len() != 4 || wd[0] != *k || t[0].channels() != wd[3] {
@@ -406,7 +512,12 @@ impl Op {
             }
             Op::Conv2dBackwardFilter { k, .. } | Op::ConvTranspose2dBackwardFilter { k, .. } => {
                 expect_arity(t, 2)?;
-                Ok(TensorType::fixed(&[*k, *k, t[0].channels(), t[1].channels()]))
+                Ok(TensorType::fixed(&[
+                    *k,
+                    *k,
+                    t[0].channels(),
+                    t[1].channels(),
+                ]))
             }
             Op::ConvTranspose2dBackwardData { k, stride, pad } => {
                 expect_arity(t, 2)?;

@@ -92,10 +92,7 @@ pub struct CompiledNet {
 impl Program {
     /// Bytes of all temporary buffers at batch size `batch`.
     pub fn buffer_bytes(&self, batch: usize) -> u64 {
-        self.buffers
-            .iter()
-            .map(|b| 4 * b.numel(batch) as u64)
-            .sum()
+        self.buffers.iter().map(|b| 4 * b.numel(batch) as u64).sum()
     }
 
     /// Persistent values, in program order.
@@ -132,14 +129,20 @@ impl Program {
         for (s, step) in self.steps.iter().enumerate() {
             for &i in &step.inputs {
                 if i >= self.values.len() || !written[i] {
-                    return bad(format!("step {s} ({}) reads value {i} before it is written", step.op.name()));
+                    return bad(format!(
+                        "step {s} ({}) reads value {i} before it is written",
+                        step.op.name()
+                    ));
                 }
             }
             if step.output >= self.values.len() {
                 return bad(format!("step {s} writes missing value {}", step.output));
             }
             if step.op.role() != Role::Update && written[step.output] {
-                return bad(format!("step {s} overwrites value {}", self.values[step.output].name));
+                return bad(format!(
+                    "step {s} overwrites value {}",
+                    self.values[step.output].name
+                ));
             }
             written[step.output] = true;
         }

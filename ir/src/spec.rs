@@ -367,7 +367,10 @@ impl NetSpec {
             })
         };
         if self.blocks.is_empty() {
-            return invalid("blocks", "at least one block is required, e.g. [12, 12, 12]".into());
+            return invalid(
+                "blocks",
+                "at least one block is required, e.g. [12, 12, 12]".into(),
+            );
         }
         if let Some(b) = self.blocks.iter().position(|&n| n == 0) {
             return invalid(
@@ -376,13 +379,19 @@ impl NetSpec {
             );
         }
         if self.growth == 0 {
-            return invalid("growth", "must be at least 1 (the paper uses 12 to 48)".into());
+            return invalid(
+                "growth",
+                "must be at least 1 (the paper uses 12 to 48)".into(),
+            );
         }
         if self.bottleneck == Some(0) {
             return invalid("bottleneck", "must be None or a width of at least 1".into());
         }
         if self.init_channels == Some(0) {
-            return invalid("init_channels", "must be None (2 * growth) or at least 1".into());
+            return invalid(
+                "init_channels",
+                "must be None (2 * growth) or at least 1".into(),
+            );
         }
         if self.classes < 2 {
             return invalid("classes", format!("got {}, need at least 2", self.classes));
@@ -393,10 +402,16 @@ impl NetSpec {
             channels,
         } = self.input;
         if height == 0 || width == 0 || channels == 0 {
-            return invalid("input", format!("got {height}x{width}x{channels}; all must be >= 1"));
+            return invalid(
+                "input",
+                format!("got {height}x{width}x{channels}; all must be >= 1"),
+            );
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return invalid("dropout", format!("got {}, expected 0 <= p < 1", self.dropout));
+            return invalid(
+                "dropout",
+                format!("got {}, expected 0 <= p < 1", self.dropout),
+            );
         }
         if let Transition::Classic { compression } = self.transition {
             if !(compression > 0.0 && compression <= 1.0) {

@@ -20,8 +20,6 @@ fn densenet_121_matches_torchvision() {
 
 #[test]
 fn densenet_bc_100_cifar10() {
-    let n = params(
-        "(template: DenseNet, transition: Classic(), blocks: [16, 16, 16], growth: 12)",
-    );
+    let n = params("(template: DenseNet, transition: Classic(), blocks: [16, 16, 16], growth: 12)");
     assert_eq!(n, 769_162);
 }

@@ -205,7 +205,12 @@ fn vjp(g: &mut Graph, id: ValueId, dy: ValueId) -> Result<Vec<(ValueId, ValueId)
                 &[dy, ins[1]],
                 "dx",
             )?;
-            let dw = add(g, Op::Conv2dBackwardFilter { k, stride, pad }, &[ins[0], dy], "dw")?;
+            let dw = add(
+                g,
+                Op::Conv2dBackwardFilter { k, stride, pad },
+                &[ins[0], dy],
+                "dw",
+            )?;
             vec![(ins[0], dx), (ins[1], dw)]
         }
         Op::ConvTranspose2d { k, stride, pad, .. } => {
@@ -232,14 +237,29 @@ fn vjp(g: &mut Graph, id: ValueId, dy: ValueId) -> Result<Vec<(ValueId, ValueId)
                     message: "batch norm with fixed statistics cannot be trained".into(),
                 });
             }
-            let dx = add(g, Op::BnBackward { eps }, &[ins[0], ins[1], ins[2], dy], "dx")?;
-            let da = add(g, Op::BnAffineGrad { eps }, &[ins[0], ins[1], dy], "daffine")?;
+            let dx = add(
+                g,
+                Op::BnBackward { eps },
+                &[ins[0], ins[1], ins[2], dy],
+                "dx",
+            )?;
+            let da = add(
+                g,
+                Op::BnAffineGrad { eps },
+                &[ins[0], ins[1], dy],
+                "daffine",
+            )?;
             vec![(ins[0], dx), (ins[2], da)]
         }
         // y = conv(z, w) with z = relu(bn(concat(x))): dz = conv^T(dy, w), then the
         // BN-ReLU backward on the recomputed z gives d concat(x), sliced per input;
         // dw and the affine gradient also recompute z from the inputs.
-        Op::BnReluConv { k, stride, pad, eps } => {
+        Op::BnReluConv {
+            k,
+            stride,
+            pad,
+            eps,
+        } => {
             let m = ins.len() - 3;
             let (xs, stats, affine, w) = (&ins[..m], ins[m], ins[m + 1], ins[m + 2]);
             let (in_h, in_w) = in_hw(g, xs[0]);
@@ -253,7 +273,12 @@ fn vjp(g: &mut Graph, id: ValueId, dy: ValueId) -> Result<Vec<(ValueId, ValueId)
             let dz = add(g, dz_op, &[dy, w], "dz")?;
             let mut fused: Vec<ValueId> = xs.to_vec();
             fused.extend([stats, affine, dy]);
-            let dw_op = Op::BnReluConvBackwardFilter { k, stride, pad, eps };
+            let dw_op = Op::BnReluConvBackwardFilter {
+                k,
+                stride,
+                pad,
+                eps,
+            };
             let dw = add(g, dw_op, &fused, "dw")?;
             *fused.last_mut().expect("operands end with the gradient") = dz;
             let dconcat = add(g, Op::BnReluBackward { eps }, &fused, "dx")?;

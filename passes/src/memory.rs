@@ -57,7 +57,8 @@ pub fn plan(graph: &Graph) -> Schedule {
     for id in computed {
         let range = ranges[id.index()];
         let batched = graph.node(id).ty.batched;
-        let found = (0..buffers.len()).find(|&b| buffers[b].batched == batched && is_free(&occupied[b], range));
+        let found = (0..buffers.len())
+            .find(|&b| buffers[b].batched == batched && is_free(&occupied[b], range));
         let b = match found {
             Some(b) => b,
             None => {
@@ -137,10 +138,16 @@ pub fn verify(graph: &Graph, schedule: &Schedule) -> Result<(), String> {
             continue;
         }
         let Storage::Buffer(b) = schedule.storage[id.index()] else {
-            return Err(format!("computed value {} has no buffer", graph.node(id).name));
+            return Err(format!(
+                "computed value {} has no buffer",
+                graph.node(id).name
+            ));
         };
         if schedule.buffers[b].per_item < graph.node(id).ty.per_item() {
-            return Err(format!("buffer {b} is too small for {}", graph.node(id).name));
+            return Err(format!(
+                "buffer {b} is too small for {}",
+                graph.node(id).name
+            ));
         }
         by_buffer[b].push(id);
     }
@@ -149,7 +156,8 @@ pub fn verify(graph: &Graph, schedule: &Schedule) -> Result<(), String> {
             for &v in &values[x + 1..] {
                 // Live ranges are [first, last]; a value written at step s may reuse a
                 // buffer whose previous value was last read at an earlier step only.
-                let overlap = first[u.index()] <= last[v.index()] && first[v.index()] <= last[u.index()];
+                let overlap =
+                    first[u.index()] <= last[v.index()] && first[v.index()] <= last[u.index()];
                 if overlap {
                     return Err(format!(
                         "buffer {b} holds {} and {} while both are live",

@@ -87,7 +87,10 @@ pub fn save(path: &Path, store: &Store, meta: &Meta) -> Result<(), CheckpointErr
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
     let mut info = HashMap::new();
-    info.insert("ldnc_checkpoint".to_string(), CHECKPOINT_VERSION.to_string());
+    info.insert(
+        "ldnc_checkpoint".to_string(),
+        CHECKPOINT_VERSION.to_string(),
+    );
     info.insert("network".to_string(), meta.network.clone());
     info.insert("spec".to_string(), meta.spec_json.clone());
     info.insert("epoch".to_string(), meta.epoch.to_string());
@@ -97,8 +100,14 @@ pub fn save(path: &Path, store: &Store, meta: &Meta) -> Result<(), CheckpointErr
     let encoded = safetensors::tensor::serialize(views, &Some(info))
         .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
 
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -127,7 +136,10 @@ pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
     };
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| format(e.to_string()))?;
     let info = header.metadata().clone().unwrap_or_default();
-    let version = info.get("ldnc_checkpoint").cloned().unwrap_or_else(|| "none".into());
+    let version = info
+        .get("ldnc_checkpoint")
+        .cloned()
+        .unwrap_or_else(|| "none".into());
     if version != CHECKPOINT_VERSION.to_string() {
         return Err(CheckpointError::Version {
             path: path.to_path_buf(),
@@ -157,7 +169,10 @@ pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
     let mut out = HashMap::new();
     for (name, view) in tensors.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(format(format!("tensor {name} is {:?}, expected F32", view.dtype())));
+            return Err(format(format!(
+                "tensor {name} is {:?}, expected F32",
+                view.dtype()
+            )));
         }
         let data: Vec<f32> = view
             .data()
@@ -171,17 +186,15 @@ pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
 
 /// Copies checkpoint tensors into `store`, which must have exactly the same
 /// tensor names and shapes.
-pub fn restore(
-    path: &Path,
-    store: &mut Store,
-    tensors: Tensors,
-) -> Result<(), CheckpointError> {
+pub fn restore(path: &Path, store: &mut Store, tensors: Tensors) -> Result<(), CheckpointError> {
     let mismatch = |message: String| CheckpointError::Mismatch {
         path: path.to_path_buf(),
         message,
     };
     if let Some(name) = tensors.keys().find(|k| !store.entries.contains_key(*k)) {
-        return Err(mismatch(format!("it has tensor `{name}`, which this network lacks")));
+        return Err(mismatch(format!(
+            "it has tensor `{name}`, which this network lacks"
+        )));
     }
     for (name, entry) in store.entries.iter_mut() {
         let Some((dims, data)) = tensors.get(name) else {

@@ -61,7 +61,11 @@ pub struct Executor {
 
 impl Executor {
     /// Checks `program` and allocates its buffers for batches up to `max_batch`.
-    pub fn new(program: Program, max_batch: usize, kernels: KernelSet) -> Result<Executor, ExecError> {
+    pub fn new(
+        program: Program,
+        max_batch: usize,
+        kernels: KernelSet,
+    ) -> Result<Executor, ExecError> {
         program.check()?;
         let buffers = program
             .buffers
@@ -157,7 +161,12 @@ impl Executor {
         Ok(())
     }
 
-    fn run_step(&mut self, store: &mut Store, s: usize, params: StepParams) -> Result<(), ExecError> {
+    fn run_step(
+        &mut self,
+        store: &mut Store,
+        s: usize,
+        params: StepParams,
+    ) -> Result<(), ExecError> {
         let n = self.n;
         let step = &self.program.steps[s];
         let out = &self.program.values[step.output];
@@ -182,7 +191,15 @@ impl Executor {
                 let p = store
                     .get_mut(&param.name)
                     .ok_or_else(|| ExecError::MissingTensor(param.name.clone()))?;
-                optim::sgd(p, &grad, &mut v, params.lr, *momentum, *weight_decay, *nesterov);
+                optim::sgd(
+                    p,
+                    &grad,
+                    &mut v,
+                    params.lr,
+                    *momentum,
+                    *weight_decay,
+                    *nesterov,
+                );
                 store.put(&velocity.name, v);
             }
             Op::BnRunningUpdate { momentum, per_item } => {
@@ -250,7 +267,11 @@ impl Executor {
 
     /// Final-head logits of the last `run`, `n x classes` (or per pixel).
     pub fn final_logits<'a>(&'a self, store: &'a Store) -> Result<&'a [f32], ExecError> {
-        let id = *self.program.logits.last().expect("a program has a final head");
+        let id = *self
+            .program
+            .logits
+            .last()
+            .expect("a program has a final head");
         self.value(store, id)
     }
 }

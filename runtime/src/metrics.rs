@@ -61,7 +61,9 @@ impl Confusion {
 
     /// Top-1 accuracy.
     pub fn accuracy(&self) -> f64 {
-        let right: u64 = (0..self.classes).map(|c| self.counts[c * self.classes + c]).sum();
+        let right: u64 = (0..self.classes)
+            .map(|c| self.counts[c * self.classes + c])
+            .sum();
         right as f64 / self.total().max(1) as f64
     }
 

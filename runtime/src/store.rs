@@ -35,9 +35,11 @@ impl Store {
                 if v.role == Role::Update {
                     continue;
                 }
-                inits
-                    .entry(v.name.clone())
-                    .or_insert((v.ty.clone(), v.role, v.init.unwrap_or(Init::Zeros)));
+                inits.entry(v.name.clone()).or_insert((
+                    v.ty.clone(),
+                    v.role,
+                    v.init.unwrap_or(Init::Zeros),
+                ));
             }
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -59,7 +61,9 @@ impl Store {
     /// Moves a tensor's data out (to update it next to another tensor); `put`
     /// returns it.
     pub fn take(&mut self, name: &str) -> Option<Vec<f32>> {
-        self.entries.get_mut(name).map(|e| std::mem::take(&mut e.data))
+        self.entries
+            .get_mut(name)
+            .map(|e| std::mem::take(&mut e.data))
     }
 
     pub fn put(&mut self, name: &str, data: Vec<f32>) {

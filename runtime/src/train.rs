@@ -114,7 +114,12 @@ pub struct Session {
 impl Session {
     /// Builds executors for batches up to `batch` and initialises the parameters
     /// from `seed`.
-    pub fn new(net: CompiledNet, batch: usize, kernels: KernelSet, seed: u64) -> Result<Session, TrainError> {
+    pub fn new(
+        net: CompiledNet,
+        batch: usize,
+        kernels: KernelSet,
+        seed: u64,
+    ) -> Result<Session, TrainError> {
         let store = Store::init(&[&net.train, &net.eval], seed);
         let train = Executor::new(net.train.clone(), batch, kernels)?;
         let eval = Executor::new(net.eval.clone(), batch, kernels)?;
@@ -162,7 +167,9 @@ impl Session {
     fn check_data(&self, data: &Dataset) -> Result<(), TrainError> {
         let input = self.net.spec.input;
         let split = &data.train;
-        if (split.height, split.width, split.channels) != (input.height, input.width, input.channels) {
+        if (split.height, split.width, split.channels)
+            != (input.height, input.width, input.channels)
+        {
             return Err(TrainError::InputShape {
                 got: format!("{}x{}x{}", split.height, split.width, split.channels),
                 expected: format!("{}x{}x{}", input.height, input.width, input.channels),
@@ -195,12 +202,20 @@ impl Session {
         self.train.run(&mut self.store, images, labels, n, params)?;
         let loss = self.train.loss(&self.store)?;
         let logits = self.train.final_logits(&self.store)?;
-        Ok((loss, metrics::correct(logits, labels, self.net.spec.classes)))
+        Ok((
+            loss,
+            metrics::correct(logits, labels, self.net.spec.classes),
+        ))
     }
 
     /// Evaluates `split` with running statistics; returns mean loss and the
     /// confusion counts of the final head.
-    pub fn evaluate(&mut self, split: &Split, data: &Dataset, batch: usize) -> Result<(f64, Confusion), TrainError> {
+    pub fn evaluate(
+        &mut self,
+        split: &Split,
+        data: &Dataset,
+        batch: usize,
+    ) -> Result<(f64, Confusion), TrainError> {
         let config = BatchConfig::eval(batch);
         let mut loss_sum = 0.0;
         let mut seen = 0usize;
@@ -208,10 +223,15 @@ impl Session {
         let mut confusion = Confusion::new(classes);
         for b in Batcher::new(split, &data.normalization(), &config, 0) {
             let params = StepParams { lr: 0.0, seed: 0 };
-            self.eval.run(&mut self.store, &b.images, &b.labels, b.len, params)?;
+            self.eval
+                .run(&mut self.store, &b.images, &b.labels, b.len, params)?;
             loss_sum += self.eval.loss(&self.store)? as f64 * b.len as f64;
             seen += b.len;
-            confusion.add(self.eval.final_logits(&self.store)?, &b.labels, data.ignore_label);
+            confusion.add(
+                self.eval.final_logits(&self.store)?,
+                &b.labels,
+                data.ignore_label,
+            );
         }
         Ok((loss_sum / seen.max(1) as f64, confusion))
     }

@@ -25,7 +25,10 @@ fn stdout(out: &Output) -> String {
 }
 
 fn bundled() -> String {
-    format!("fashion-mnist:{}", repo().join("data/fashion-mnist").display())
+    format!(
+        "fashion-mnist:{}",
+        repo().join("data/fashion-mnist").display()
+    )
 }
 
 /// A quick-start network small enough for a few steps in the test profile.
@@ -44,7 +47,13 @@ fn every_example_inspects() {
         let out = ldnc(&["inspect", path.to_str().unwrap(), "--json"], &repo());
         assert!(out.status.success(), "{}: {}", path.display(), stderr(&out));
         let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-        for key in ["feature_layers", "connections", "mbd", "params", "macs_per_image"] {
+        for key in [
+            "feature_layers",
+            "connections",
+            "mbd",
+            "params",
+            "macs_per_image",
+        ] {
             assert!(report.get(key).is_some(), "{}: no {key}", path.display());
         }
         assert!(report["memory"]["naive_bytes"].as_u64().unwrap() > 0);
@@ -58,7 +67,12 @@ fn inspect_plots_the_connection_matrix() {
     let png = dir.path().join("m.png");
     let net = repo().join("examples/log-densenet-v1-cifar.ron");
     let out = ldnc(
-        &["inspect", net.to_str().unwrap(), "--plot", png.to_str().unwrap()],
+        &[
+            "inspect",
+            net.to_str().unwrap(),
+            "--plot",
+            png.to_str().unwrap(),
+        ],
         dir.path(),
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -71,7 +85,11 @@ fn inspect_plots_the_connection_matrix() {
 fn malformed_network_names_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let net = dir.path().join("bad.ron");
-    std::fs::write(&net, "(\n  blocks: [4, 4],\n  growth: 12\n  classes: 10,\n)").unwrap();
+    std::fs::write(
+        &net,
+        "(\n  blocks: [4, 4],\n  growth: 12\n  classes: 10,\n)",
+    )
+    .unwrap();
     let out = ldnc(&["inspect", net.to_str().unwrap()], dir.path());
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -82,7 +100,10 @@ fn malformed_network_names_file_line_and_column() {
 #[test]
 fn unknown_set_path_lists_fields() {
     let net = repo().join("examples/quickstart.ron");
-    let out = ldnc(&["inspect", net.to_str().unwrap(), "--set", "grwoth=3"], &repo());
+    let out = ldnc(
+        &["inspect", net.to_str().unwrap(), "--set", "grwoth=3"],
+        &repo(),
+    );
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("grwoth"), "{err}");
@@ -92,7 +113,10 @@ fn unknown_set_path_lists_fields() {
 #[test]
 fn invalid_network_names_the_field() {
     let net = repo().join("examples/quickstart.ron");
-    let out = ldnc(&["inspect", net.to_str().unwrap(), "--set", "growth=0"], &repo());
+    let out = ldnc(
+        &["inspect", net.to_str().unwrap(), "--set", "growth=0"],
+        &repo(),
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("`growth`"), "{}", stderr(&out));
 }
@@ -112,7 +136,11 @@ fn bad_data_specs_are_explained() {
     let spec = format!("fashion-mnist:{}", empty.display());
     let out = ldnc(&["train", net, "--data", &spec], dir.path());
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("train-images-idx3-ubyte"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("train-images-idx3-ubyte"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -123,12 +151,18 @@ fn train_eval_and_refuse_to_overwrite() {
     let run = dir.path().join("run");
     let run_arg = run.to_str().unwrap();
     let data = bundled();
-    let mut args = vec!["train", net, "--data", &data, "--epochs", "1", "--out", run_arg];
+    let mut args = vec![
+        "train", net, "--data", &data, "--epochs", "1", "--out", run_arg,
+    ];
     args.extend(SMALL);
     args.extend(["--batch", "100", "-q"]);
     let out = ldnc(&args, dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("final test accuracy"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("final test accuracy"),
+        "{}",
+        stdout(&out)
+    );
     for file in ["checkpoint.safetensors", "metrics.jsonl", "curves.png"] {
         assert!(run.join(file).exists(), "{file} missing");
     }
@@ -145,7 +179,10 @@ fn train_eval_and_refuse_to_overwrite() {
     let out = ldnc(&args, dir.path());
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--resume"), "{}", stderr(&out));
-    assert_eq!(before, std::fs::read(run.join("checkpoint.safetensors")).unwrap());
+    assert_eq!(
+        before,
+        std::fs::read(run.join("checkpoint.safetensors")).unwrap()
+    );
 }
 
 #[test]
@@ -183,7 +220,11 @@ fn unreadable_checkpoint_is_named() {
         dir.path(),
     );
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("checkpoint.safetensors"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("checkpoint.safetensors"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -205,13 +246,23 @@ fn cuda_device_fails_clearly_without_a_gpu() {
 
     let out = ldnc(&[&base[..], &["--device", "tpu"]].concat(), dir.path());
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("use cpu, cuda or cuda:0"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("use cpu, cuda or cuda:0"),
+        "{}",
+        stderr(&out)
+    );
 
-    let out = ldnc(&[&base[..], &["--device", "cuda", "--no-fuse"]].concat(), dir.path());
+    let out = ldnc(
+        &[&base[..], &["--device", "cuda", "--no-fuse"]].concat(),
+        dir.path(),
+    );
     if out.status.success() {
         eprintln!("SKIPPED cuda_device_fails_clearly_without_a_gpu: a GPU trained the network");
         return;
     }
     let err = stderr(&out);
-    assert!(err.contains("--device cpu") || err.contains("CUDA"), "{err}");
+    assert!(
+        err.contains("--device cpu") || err.contains("CUDA"),
+        "{err}"
+    );
 }

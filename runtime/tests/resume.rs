@@ -98,7 +98,11 @@ fn config(epochs: usize, batch: usize, lr: f64) -> TrainConfig {
 fn tiny_network_overfits_real_images() {
     let data = small(32, 32);
     let spec = tiny_spec()
-        .with_overrides(&["growth=12".into(), "init_channels=16".into(), "blocks=[3, 3]".into()])
+        .with_overrides(&[
+            "growth=12".into(),
+            "init_channels=16".into(),
+            "blocks=[3, 3]".into(),
+        ])
         .unwrap();
     let config = config(100, 32, 0.1);
     let mut session = Session::new(compile(&spec), config.batch, KernelSet::Fast, 1).unwrap();
@@ -125,7 +129,14 @@ fn resumed_run_matches_uninterrupted_run() {
         dir: straight_dir.path().to_path_buf(),
     };
     let mut straight = Session::new(compiled.clone(), 16, KernelSet::Reference, 9).unwrap();
-    train::train(&mut straight, &data, &full, &straight_files, Position::default()).unwrap();
+    train::train(
+        &mut straight,
+        &data,
+        &full,
+        &straight_files,
+        Position::default(),
+    )
+    .unwrap();
 
     // Stop in the middle of the second epoch, as a crash would, then continue
     // from the checkpoint written after the first.
@@ -136,7 +147,14 @@ fn resumed_run_matches_uninterrupted_run() {
     let mut interrupted = full.clone();
     interrupted.max_steps = Some(4);
     let mut first = Session::new(compiled.clone(), 16, KernelSet::Reference, 9).unwrap();
-    train::train(&mut first, &data, &interrupted, &broken_files, Position::default()).unwrap();
+    train::train(
+        &mut first,
+        &data,
+        &interrupted,
+        &broken_files,
+        Position::default(),
+    )
+    .unwrap();
 
     let path = broken_files.checkpoint();
     let (tensors, meta) = checkpoint::load(&path).unwrap();
@@ -151,7 +169,10 @@ fn resumed_run_matches_uninterrupted_run() {
 
     assert_eq!(straight.store.entries.len(), resumed.store.entries.len());
     for (name, entry) in &straight.store.entries {
-        assert_eq!(entry.data, resumed.store.entries[name].data, "{name} differs");
+        assert_eq!(
+            entry.data, resumed.store.entries[name].data,
+            "{name} differs"
+        );
     }
 }
 
@@ -180,4 +201,3 @@ fn checkpoint_of_another_network_is_rejected() {
     assert!(text.contains("another network"), "{text}");
     assert!(text.contains("shape"), "{text}");
 }
-

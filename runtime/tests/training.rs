@@ -54,10 +54,14 @@ fn spec(text: &str) -> NetSpec {
 
 /// A deterministic pseudo-random sequence in [-1, 1).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -68,7 +72,14 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
 fn loss_at(program: &Program, store: &Store, images: &[f32], labels: &[f32], n: usize) -> f64 {
     let mut exec = Executor::new(program.clone(), n, KernelSet::Reference).unwrap();
     let mut scratch = store.clone();
-    exec.run(&mut scratch, images, labels, n, StepParams { lr: 0.0, seed: 1 }).unwrap();
+    exec.run(
+        &mut scratch,
+        images,
+        labels,
+        n,
+        StepParams { lr: 0.0, seed: 1 },
+    )
+    .unwrap();
     exec.loss(&scratch).unwrap() as f64
 }
 
@@ -85,7 +96,14 @@ fn check_gradients(text: &str) {
     // parameter's velocity equal to its gradient.
     let mut exec = Executor::new(compiled.train.clone(), n, KernelSet::Reference).unwrap();
     let mut after = store.clone();
-    exec.run(&mut after, &images, &labels, n, StepParams { lr: 0.0, seed: 1 }).unwrap();
+    exec.run(
+        &mut after,
+        &images,
+        &labels,
+        n,
+        StepParams { lr: 0.0, seed: 1 },
+    )
+    .unwrap();
 
     let mut checked = 0;
     for (name, entry) in &store.entries {
@@ -108,7 +126,11 @@ fn check_gradients(text: &str) {
             };
             let (minus, zero, plus) = (at(-eps), at(0.0), at(eps));
             let e = eps as f64;
-            let estimates = [(plus - zero) / e, (zero - minus) / e, (plus - minus) / (2.0 * e)];
+            let estimates = [
+                (plus - zero) / e,
+                (zero - minus) / e,
+                (plus - minus) / (2.0 * e),
+            ];
             let agrees =
                 |fd: &f64| (fd - analytic).abs() <= 0.05 * fd.abs().max(analytic.abs()) + 3e-4;
             assert!(
@@ -168,18 +190,27 @@ fn fast_and_reference_programs_agree() {
         let mut store = Store::init(&[&compiled.train], 2);
         let mut exec = Executor::new(compiled.train.clone(), n, kernels).unwrap();
         for step in 0..3 {
-            exec.run(&mut store, &images, &labels, n, StepParams { lr: 0.05, seed: step })
-                .unwrap();
+            exec.run(
+                &mut store,
+                &images,
+                &labels,
+                n,
+                StepParams {
+                    lr: 0.05,
+                    seed: step,
+                },
+            )
+            .unwrap();
         }
         stores.push(store);
     }
     for (name, reference) in &stores[0].entries {
         let fast = &stores[1].entries[name];
         for (a, b) in reference.data.iter().zip(&fast.data) {
-            assert!((a - b).abs() <= 1e-3 * (1.0 + a.abs()), "{name}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-3 * (1.0 + a.abs()),
+                "{name}: {a} vs {b}"
+            );
         }
     }
 }
-
-
-

@@ -51,7 +51,10 @@ pub struct Network {
 impl Network {
     /// Logits of the final prediction.
     pub fn final_logits(&self) -> ValueId {
-        self.heads.last().expect("a network has a final head").logits
+        self.heads
+            .last()
+            .expect("a network has a final head")
+            .logits
     }
 }
 
@@ -125,7 +128,6 @@ impl<'a> Builder<'a> {
     pub fn channels(&self, v: ValueId) -> usize {
         self.graph.node(v).ty.channels()
     }
-
 
     /// Concatenates along channels, or passes a single input through.
     pub fn concat(&mut self, inputs: &[ValueId], name: &str) -> Result<ValueId> {
@@ -282,7 +284,11 @@ impl<'a> Builder<'a> {
             weighted.push(if weight == 1.0 {
                 loss
             } else {
-                self.op(Op::Scale { factor: weight }, &[loss], &format!("{name}.weighted"))?
+                self.op(
+                    Op::Scale { factor: weight },
+                    &[loss],
+                    &format!("{name}.weighted"),
+                )?
             });
             heads.push(Head {
                 name,

@@ -69,7 +69,12 @@ pub struct Ops {
 
 impl Ops {
     /// Interns `op`; `identity` distinguishes ops that must never merge.
-    pub fn intern(&mut self, op: Option<&Op>, identity: Option<&str>, leaf: Option<TensorType>) -> u32 {
+    pub fn intern(
+        &mut self,
+        op: Option<&Op>,
+        identity: Option<&str>,
+        leaf: Option<TensorType>,
+    ) -> u32 {
         let mut key = match op {
             Some(op) => serde_json::to_string(op).expect("ops serialise"),
             None => "root".to_string(),
@@ -97,8 +102,10 @@ impl Ops {
 
 /// Whether an op keeps its own identity in the e-graph.
 pub fn has_identity(op: &Op) -> bool {
-    matches!(op.role(), Role::Image | Role::Label | Role::Param | Role::State | Role::OptState | Role::Update)
-        || matches!(op, Op::DropoutMask { .. })
+    matches!(
+        op.role(),
+        Role::Image | Role::Label | Role::Param | Role::State | Role::OptState | Role::Update
+    ) || matches!(op, Op::DropoutMask { .. })
 }
 
 pub type FuseGraph = EGraph<ENode, Ops>;
@@ -123,7 +130,8 @@ impl egg::Analysis<ENode> for Ops {
         let ty = match &entry.op {
             None => TensorType::fixed(&[]),
             Some(op) => {
-                let types: Vec<&TensorType> = enode.children.iter().map(|&c| &egraph[c].data.ty).collect();
+                let types: Vec<&TensorType> =
+                    enode.children.iter().map(|&c| &egraph[c].data.ty).collect();
                 // Rewrites only build nodes whose shape rule holds; a failure here is a
                 // bug in a rule, so say which op and operands.
                 op.infer(&types).unwrap_or_else(|message| {

@@ -71,12 +71,24 @@ pub struct FuseReport {
 
 fn rewrites() -> Vec<Rewrite<ENode, Ops>> {
     vec![
-        Rewrite::new("bn-relu-conv", rules::Rule(rules::BnReluConv), rules::Rule(rules::BnReluConv))
-            .expect("rule names are unique"),
-        Rewrite::new("stats-of-concat", rules::Rule(rules::StatsOfConcat), rules::Rule(rules::StatsOfConcat))
-            .expect("rule names are unique"),
-        Rewrite::new("pool-conv", rules::Rule(rules::PoolConv), rules::Rule(rules::PoolConv))
-            .expect("rule names are unique"),
+        Rewrite::new(
+            "bn-relu-conv",
+            rules::Rule(rules::BnReluConv),
+            rules::Rule(rules::BnReluConv),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
+            "stats-of-concat",
+            rules::Rule(rules::StatsOfConcat),
+            rules::Rule(rules::StatsOfConcat),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
+            "pool-conv",
+            rules::Rule(rules::PoolConv),
+            rules::Rule(rules::PoolConv),
+        )
+        .expect("rule names are unique"),
     ]
 }
 
@@ -185,7 +197,11 @@ fn to_egraph(graph: &Graph) -> (FuseGraph, Vec<Id>, Id) {
     let mut class_of = Vec::with_capacity(graph.len());
     for id in graph.ids() {
         let node = graph.node(id);
-        let children: Vec<Id> = graph.inputs(id).iter().map(|v| class_of[v.index()]).collect();
+        let children: Vec<Id> = graph
+            .inputs(id)
+            .iter()
+            .map(|v| class_of[v.index()])
+            .collect();
         let identity = has_identity(&node.op).then_some(node.name.as_str());
         let leaf = children.is_empty().then(|| node.ty.clone());
         let op = egraph.analysis.intern(Some(&node.op), identity, leaf);
@@ -225,7 +241,11 @@ fn shared_classes(egraph: &FuseGraph) -> std::collections::HashSet<Id> {
             }
         }
     }
-    readers.into_iter().filter(|&(_, n)| n > 1).map(|(c, _)| c).collect()
+    readers
+        .into_iter()
+        .filter(|&(_, n)| n > 1)
+        .map(|(c, _)| c)
+        .collect()
 }
 
 impl CostFunction<ENode> for Cost<'_> {
@@ -244,7 +264,11 @@ impl CostFunction<ENode> for Cost<'_> {
         let Some(op) = self.egraph.analysis.op(enode) else {
             return children;
         };
-        let inputs: Vec<&ldnc_ir::TensorType> = enode.children.iter().map(|&c| &self.egraph[c].data.ty).collect();
+        let inputs: Vec<&ldnc_ir::TensorType> = enode
+            .children
+            .iter()
+            .map(|&c| &self.egraph[c].data.ty)
+            .collect();
         // The class type is the op's output type for every node of the class.
         let out = inputs_output(self.egraph, enode);
         let flops = 2.0 * op.macs(&inputs, out) as f64;
@@ -258,7 +282,9 @@ impl CostFunction<ENode> for Cost<'_> {
 }
 
 fn inputs_output<'a>(egraph: &'a FuseGraph, enode: &ENode) -> &'a ldnc_ir::TensorType {
-    let class = egraph.lookup(enode.clone()).expect("extraction only costs nodes in the e-graph");
+    let class = egraph
+        .lookup(enode.clone())
+        .expect("extraction only costs nodes in the e-graph");
     &egraph[class].data.ty
 }
 
@@ -293,7 +319,11 @@ impl Rebuild<'_, '_> {
                 }
                 continue;
             }
-            let inputs: Vec<ValueId> = node.children.iter().map(|&ch| self.done[&self.egraph.find(ch)]).collect();
+            let inputs: Vec<ValueId> = node
+                .children
+                .iter()
+                .map(|&ch| self.done[&self.egraph.find(ch)])
+                .collect();
             let data = &self.egraph[c].data;
             let entry = &self.egraph.analysis.table[node.op as usize];
             let op: Op = entry.op.clone().ok_or_else(|| Error::Autodiff {
@@ -301,7 +331,8 @@ impl Rebuild<'_, '_> {
                 message: "the fusion root was extracted below the root".into(),
             })?;
             let id = if inputs.is_empty() {
-                self.graph.add_typed(op, &[], data.name.clone(), data.ty.clone())
+                self.graph
+                    .add_typed(op, &[], data.name.clone(), data.ty.clone())
             } else {
                 self.graph.add(op, &inputs, data.name.clone())?
             };

@@ -41,7 +41,12 @@ pub struct Match {
 pub struct Rule<F>(pub F);
 
 impl<F: Fusion> Searcher<ENode, super::lang::Ops> for Rule<F> {
-    fn search_eclass_with_limit(&self, egraph: &FuseGraph, eclass: Id, limit: usize) -> Option<SearchMatches<'_, ENode>> {
+    fn search_eclass_with_limit(
+        &self,
+        egraph: &FuseGraph,
+        eclass: Id,
+        limit: usize,
+    ) -> Option<SearchMatches<'_, ENode>> {
         if limit == 0 || self.0.find(egraph, eclass).is_empty() {
             return None;
         }
@@ -83,7 +88,10 @@ impl<F: Fusion> Applier<ENode, super::lang::Ops> for Rule<F> {
 /// Adds `op(children)` to the e-graph.
 pub fn add(egraph: &mut FuseGraph, op: &Op, children: Vec<Id>) -> Id {
     let index = egraph.analysis.intern(Some(op), None, None);
-    egraph.add(ENode { op: index, children })
+    egraph.add(ENode {
+        op: index,
+        children,
+    })
 }
 
 /// Nodes of `class` with their ops.
@@ -108,7 +116,9 @@ impl Fusion for BnReluConv {
     fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {
         let mut found = Vec::new();
         for (op, children) in nodes(egraph, class) {
-            let Op::Conv2d { k, stride, pad } = *op else { continue };
+            let Op::Conv2d { k, stride, pad } = *op else {
+                continue;
+            };
             let (z, w) = (children[0], children[1]);
             for (relu, r) in nodes(egraph, z) {
                 if !matches!(relu, Op::Relu) {
@@ -119,7 +129,12 @@ impl Fusion for BnReluConv {
                     let mut operands = parts(egraph, b[0]);
                     operands.extend([b[1], b[2], w]);
                     found.push(Match {
-                        op: Op::BnReluConv { k, stride, pad, eps },
+                        op: Op::BnReluConv {
+                            k,
+                            stride,
+                            pad,
+                            eps,
+                        },
                         operands,
                         inner: None,
                     });
@@ -171,8 +186,16 @@ impl Fusion for StatsOfConcat {
 
 pub struct PoolConv;
 
-const POOL2: Op = Op::AvgPool { k: 2, stride: 2, pad: 0 };
-const CONV1: Op = Op::Conv2d { k: 1, stride: 1, pad: 0 };
+const POOL2: Op = Op::AvgPool {
+    k: 2,
+    stride: 2,
+    pad: 0,
+};
+const CONV1: Op = Op::Conv2d {
+    k: 1,
+    stride: 1,
+    pad: 0,
+};
 
 impl Fusion for PoolConv {
     fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {

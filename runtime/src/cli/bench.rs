@@ -71,7 +71,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let input = spec.input;
     let n = args.batch;
     let image_len = n * input.height * input.width * input.channels;
-    let images: Vec<f32> = (0..image_len).map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0).collect();
+    let images: Vec<f32> = (0..image_len)
+        .map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0)
+        .collect();
     let label_len = match spec.task {
         ldnc_ir::spec::Task::Classification => n,
         ldnc_ir::spec::Task::Segmentation { .. } => n * input.height * input.width,
@@ -94,7 +96,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64() / args.steps.max(1) as f64;
 
-    let store_bytes: u64 = session.store.entries.values().map(|e| 4 * e.data.len() as u64).sum();
+    let store_bytes: u64 = session
+        .store
+        .entries
+        .values()
+        .map(|e| 4 * e.data.len() as u64)
+        .sum();
     let result = BenchResult {
         network: spec.name.clone(),
         fused: options.fuse,

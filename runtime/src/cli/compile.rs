@@ -41,7 +41,8 @@ pub fn compile_with_report(
     let mut reports = Vec::new();
     let mut net = expand(spec, Mode::Train).context("expanding the training network")?;
     if options.fuse {
-        let (fused, report) = fuse(&net, &FuseOptions::default()).context("fusing the training network")?;
+        let (fused, report) =
+            fuse(&net, &FuseOptions::default()).context("fusing the training network")?;
         net = fused;
         reports.push(report);
     }

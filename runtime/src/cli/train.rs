@@ -159,12 +159,12 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
         );
     }
     if cuda {
-        let fused = session
-            .net
-            .train
-            .steps
-            .iter()
-            .any(|s| matches!(s.op, ldnc_ir::Op::BnReluConv { .. } | ldnc_ir::Op::ConcatStats));
+        let fused = session.net.train.steps.iter().any(|s| {
+            matches!(
+                s.op,
+                ldnc_ir::Op::BnReluConv { .. } | ldnc_ir::Op::ConcatStats
+            )
+        });
         // TODO: lower the fused ops to CUDA so fused programs can train on a GPU.
         if fused {
             bail!(
