@@ -1,0 +1,181 @@
+//! The fusion pass and the memory planner checked by execution: fused and
+//! unfused programs of random small networks of every template train to the
+//! same weights, batch-norm running statistics are updated once per step, every
+//! example's plan passes the independent checker, and the planned bytes are
+//! what the executor allocates.
+
+use std::path::PathBuf;
+
+use ldnc_codegen::cpu::{lower, Roots};
+use ldnc_ir::program::Program;
+use ldnc_ir::spec::NetSpec;
+use ldnc_ir::{expand, Mode, Op};
+use ldnc_passes::{autodiff, fuse, memory};
+use ldnc_runtime::exec::{Executor, StepParams};
+use ldnc_runtime::kernels::KernelSet;
+use ldnc_runtime::store::Store;
+use proptest::prelude::*;
+
+fn training_program(spec: &NetSpec, fused: bool) -> Program {
+    let mut net = expand(spec, Mode::Train).unwrap();
+    if fused {
+        net = fuse::fuse(&net, &Default::default()).unwrap().0;
+    }
+    let tg = autodiff::differentiate(&net, &spec.train).unwrap();
+    let schedule = memory::plan(&tg.graph);
+    memory::verify(&tg.graph, &schedule).unwrap();
+    let roots = Roots {
+        image: tg.image,
+        label: tg.label,
+        loss: tg.loss,
+        logits: tg.logits.clone(),
+    };
+    lower(&tg.graph, &schedule, &roots)
+}
+
+const TEMPLATES: [&str; 8] = [
+    "DenseNet",
+    "LogDenseNet",
+    "LogLogDenseNet(min_inputs: 2)",
+    "Nearest(count: Log)",
+    "Nearest(count: Half)",
+    "EvenlySpaced(count: Half)",
+    "NearestHalfAndLog()",
+    "NearestHalfAndLog(chain: AuthorsCode)",
+];
+
+const TRANSITIONS: [&str; 3] = ["Independent", "BlockCompression", "Classic(compression: 0.5)"];
+
+fn small_spec(template: usize, transition: usize, bottleneck: bool, supervise: bool) -> NetSpec {
+    let text = format!(
+        "(template: {}, transition: {}, blocks: [3, 2], growth: 3, bottleneck: {}, \
+         input: (height: 6, width: 6, channels: 2), classes: 3, deep_supervision: {supervise})",
+        TEMPLATES[template],
+        TRANSITIONS[transition],
+        if bottleneck { "Some(2)" } else { "None" },
+    );
+    let spec = NetSpec::from_ron(&text, "random").unwrap();
+    spec.validate().unwrap();
+    spec
+}
+
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    #[test]
+    fn fused_and_unfused_train_alike(
+        template in 0..TEMPLATES.len(),
+        transition in 0..TRANSITIONS.len(),
+        bottleneck in any::<bool>(),
+        supervise in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let spec = small_spec(template, transition, bottleneck, supervise);
+        let n = 4;
+        let images = noise(n * 6 * 6 * 2, seed);
+        let labels: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
+        let mut stores = Vec::new();
+        let mut losses = Vec::new();
+        for fused in [false, true] {
+            let program = training_program(&spec, fused);
+            let mut store = Store::init(&[&program], seed);
+            let mut exec = Executor::new(program, n, KernelSet::Reference).unwrap();
+            for step in 0..2 {
+                exec.run(&mut store, &images, &labels, n, StepParams { lr: 0.05, seed: step }).unwrap();
+            }
+            losses.push(exec.loss(&store).unwrap());
+            stores.push(store);
+        }
+        prop_assert!((losses[0] - losses[1]).abs() <= 1e-4 * (1.0 + losses[0].abs()),
+            "losses {losses:?}");
+        prop_assert_eq!(stores[0].entries.len(), stores[1].entries.len());
+        for (name, unfused) in &stores[0].entries {
+            let fused = &stores[1].entries[name];
+            for (a, b) in unfused.data.iter().zip(&fused.data) {
+                prop_assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{}: {} vs {}", name, a, b);
+            }
+        }
+    }
+}
+
+#[test]
+fn running_statistics_update_once_per_step() {
+    let spec = small_spec(0, 2, true, true);
+    let program = training_program(&spec, true);
+    let states: Vec<&str> = program
+        .persistent()
+        .filter(|v| v.role == ldnc_ir::Role::State)
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(!states.is_empty());
+    for state in states {
+        let writers = program
+            .steps
+            .iter()
+            .filter(|s| matches!(s.op, Op::BnRunningUpdate { .. }))
+            .filter(|s| program.values[s.inputs[0]].name == state)
+            .count();
+        assert_eq!(writers, 1, "{state} is updated {writers} times per step");
+    }
+    // Recomputing the normalised input in the backward pass never reads the
+    // running statistics.
+    for step in &program.steps {
+        if matches!(step.op, Op::BnReluBackward { .. } | Op::BnReluConvBackwardFilter { .. }) {
+            for &i in &step.inputs {
+                assert_ne!(program.values[i].role, ldnc_ir::Role::State);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_example_plan_passes_the_checker() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "ron") {
+            continue;
+        }
+        let spec = NetSpec::load(&path, &[]).unwrap();
+        for fused in [false, true] {
+            let mut net = expand(&spec, Mode::Train).unwrap();
+            if fused {
+                net = fuse::fuse(&net, &Default::default()).unwrap().0;
+            }
+            let tg = autodiff::differentiate(&net, &spec.train).unwrap();
+            let schedule = memory::plan(&tg.graph);
+            memory::verify(&tg.graph, &schedule)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        checked += 1;
+    }
+    assert!(checked >= 18);
+}
+
+#[test]
+fn planned_bytes_are_what_the_executor_allocates() {
+    let spec = NetSpec::load(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.ron"),
+        &[],
+    )
+    .unwrap();
+    let program = training_program(&spec, true);
+    for batch in [1, 7, 64] {
+        let planned = program.buffer_bytes(batch);
+        let exec = Executor::new(program.clone(), batch, KernelSet::Fast).unwrap();
+        assert_eq!(exec.buffer_bytes(), planned);
+    }
+}
