@@ -81,7 +81,7 @@ pub fn plan(graph: &Graph) -> Schedule {
     }
 }
 
-/// Whether `range` overlaps none of the sorted, disjoint `occupied` ranges.
+/// Checks that `range` overlaps none of the sorted, disjoint `occupied` ranges.
 fn is_free(occupied: &[(usize, usize)], range: (usize, usize)) -> bool {
     let at = occupied.partition_point(|r| r.0 < range.0);
     let before_ok = at == 0 || occupied[at - 1].1 < range.0;
@@ -171,7 +171,7 @@ pub fn verify(graph: &Graph, schedule: &Schedule) -> Result<(), String> {
     Ok(())
 }
 
-/// The largest total size, in elements per image of batched values plus
+/// Computes the largest total size, in elements per image of batched values plus
 /// unbatched elements, of computed values live at one time: the lower bound any
 /// buffer assignment in this order can reach. Returns `(batched, unbatched)`.
 pub fn peak_live(graph: &Graph) -> (usize, usize) {

@@ -241,7 +241,7 @@ impl Executor {
         Ok(())
     }
 
-    /// The data of value `id` at batch `n`.
+    /// Returns the data of value `id` at batch `n`.
     fn slice<'a>(&'a self, store: &'a Store, id: usize, n: usize) -> Result<&'a [f32], ExecError> {
         let v = &self.program.values[id];
         let len = v.ty.numel(n);
@@ -255,12 +255,12 @@ impl Executor {
         }
     }
 
-    /// The data of value `id` after the last `run`.
+    /// Returns the data of value `id` after the last `run`.
     pub fn value<'a>(&'a self, store: &'a Store, id: usize) -> Result<&'a [f32], ExecError> {
         self.slice(store, id, self.n)
     }
 
-    /// The total loss of the last `run`.
+    /// Returns the total loss of the last `run`.
     pub fn loss(&self, store: &Store) -> Result<f32, ExecError> {
         Ok(self.value(store, self.program.loss)?[0])
     }

@@ -100,7 +100,7 @@ impl Ops {
     }
 }
 
-/// Whether an op keeps its own identity in the e-graph.
+/// Reports whether an op keeps its own identity in the e-graph.
 pub fn has_identity(op: &Op) -> bool {
     matches!(
         op.role(),
@@ -133,7 +133,7 @@ impl egg::Analysis<ENode> for Ops {
                 let types: Vec<&TensorType> =
                     enode.children.iter().map(|&c| &egraph[c].data.ty).collect();
                 // Rewrites only build nodes whose shape rule holds; a failure here is a
-                // bug in a rule, so say which op and operands.
+                // bug in a rule, so the message names the op and operands.
                 op.infer(&types).unwrap_or_else(|message| {
                     panic!("fusion built an ill-typed {} node: {message}", op.name())
                 })

@@ -54,7 +54,7 @@ impl Default for FuseOptions {
     }
 }
 
-/// What a fusion run did.
+/// Summary of one fusion run.
 #[derive(Debug, Clone, Serialize)]
 pub struct FuseReport {
     pub nodes_before: usize,

@@ -102,7 +102,7 @@ fn nodes<'a>(egraph: &'a FuseGraph, class: Id) -> impl Iterator<Item = (&'a Op, 
         .filter_map(move |n| egraph.analysis.op(n).map(|op| (op, n.children.as_slice())))
 }
 
-/// The operands of a concatenation in `class`, or the class itself.
+/// Returns the operands of a concatenation in `class`, or the class itself.
 fn parts(egraph: &FuseGraph, class: Id) -> Vec<Id> {
     nodes(egraph, class)
         .find(|(op, _)| matches!(op, Op::Concat))
