@@ -44,7 +44,11 @@ const TEMPLATES: [&str; 8] = [
     "NearestHalfAndLog(chain: AuthorsCode)",
 ];
 
-const TRANSITIONS: [&str; 3] = ["Independent", "BlockCompression", "Classic(compression: 0.5)"];
+const TRANSITIONS: [&str; 3] = [
+    "Independent",
+    "BlockCompression",
+    "Classic(compression: 0.5)",
+];
 
 fn small_spec(template: usize, transition: usize, bottleneck: bool, supervise: bool) -> NetSpec {
     let text = format!(
@@ -132,7 +136,10 @@ fn running_statistics_update_once_per_step() {
     // Recomputing the normalised input in the backward pass never reads the
     // running statistics.
     for step in &program.steps {
-        if matches!(step.op, Op::BnReluBackward { .. } | Op::BnReluConvBackwardFilter { .. }) {
+        if matches!(
+            step.op,
+            Op::BnReluBackward { .. } | Op::BnReluConvBackwardFilter { .. }
+        ) {
             for &i in &step.inputs {
                 assert_ne!(program.values[i].role, ldnc_ir::Role::State);
             }
