@@ -143,11 +143,26 @@ pub struct Payload {
     pub ldnc_version: String,
     /// Backends requested with `--target`.
     pub target: Target,
-    /// Whether CUDA kernels are included. Always false so far, because the CUDA
-    /// backend is not wired into builds yet; the CPU programs are always present.
+    /// Whether CUDA kernels are included; the CPU programs are always present.
     pub cuda_kernels: bool,
+    /// CUDA C of the training and evaluation programs' kernels, with PTX where
+    /// NVRTC was available at build time.
+    #[serde(default)]
+    pub cuda_modules: Vec<CudaModule>,
     /// The network's spec and its training and evaluation programs.
     pub net: CompiledNet,
+}
+
+/// The CUDA kernels of one program.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CudaModule {
+    /// `train` or `eval`.
+    pub program: String,
+    /// Every distinct kernel of the program as one CUDA C translation unit.
+    pub source: String,
+    /// PTX of `source` for `ptx_arch`, when NVRTC was present at build time.
+    pub ptx: Option<String>,
+    pub ptx_arch: Option<String>,
 }
 
 impl Payload {

@@ -469,3 +469,45 @@ fn emit_and_explain_describe_the_pipeline() {
         "no fused step"
     );
 }
+
+#[test]
+fn cuda_target_embeds_kernel_sources() {
+    let dir = TempDir::new().expect("temp dir");
+    let exe = build_quickstart(
+        dir.path(),
+        "qs-cuda",
+        &["--no-fuse", "--target", "all", "--emit", "cuda"],
+    );
+    let version = stdout(&run_ok(&exe, &["--version"], dir.path()));
+    assert!(version.contains("CUDA kernels"), "{version}");
+    assert!(!version.contains("no CUDA kernels"), "{version}");
+    for program in ["train", "eval"] {
+        let source = fs::read_to_string(dir.path().join(format!("qs-cuda.{program}.cu")))
+            .expect("the CUDA source is written next to the executable");
+        assert!(source.contains("__global__"), "{program}.cu has no kernels");
+    }
+
+    // The fused ops have no CUDA lowering yet, so a fused CUDA build says so and
+    // carries the CPU programs only.
+    let output = run_ok(
+        &PathBuf::from(env!("CARGO_BIN_EXE_ldnc")),
+        &[
+            "build",
+            quickstart().to_str().unwrap(),
+            "--target",
+            "cuda",
+            "-o",
+            dir.path().join("qs-fused").to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let note = stderr(&output);
+    if note.contains("CPU programs only") {
+        let version = stdout(&run_ok(
+            &dir.path().join("qs-fused"),
+            &["--version"],
+            dir.path(),
+        ));
+        assert!(version.contains("no CUDA kernels"), "{version}");
+    }
+}

@@ -29,7 +29,7 @@ use ldnc_passes::{autodiff, memory};
 use super::compile::{compile_with_report, CompileOptions};
 use super::inspect::{self, InspectOptions};
 use super::train::{self, EvalArgs, NetSource, TrainOptions};
-use crate::payload::{self, Payload, Target, PAYLOAD_FORMAT_VERSION};
+use crate::payload::{self, CudaModule, Payload, Target, PAYLOAD_FORMAT_VERSION};
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -46,20 +46,24 @@ pub struct BuildArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     pub target: TargetArg,
     /// Also write, next to the output: `graph` (the forward and training graphs
-    /// as Graphviz DOT), `program` (the scheduled training program as text).
+    /// as Graphviz DOT), `program` (the scheduled training program as text),
+    /// `cuda` (the CUDA C of the training and evaluation kernels).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "WHAT")]
     pub emit: Vec<Emit>,
     /// Print what each pipeline stage produced: node counts, steps, buffers and
     /// planned against naive activation memory.
     #[arg(long)]
     pub explain: bool,
+    /// Compile the unfused programs.
+    #[arg(long)]
+    pub no_fuse: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TargetArg {
     /// CPU programs only.
     Cpu,
-    /// CUDA kernels (not available yet: the executable gets CPU programs only).
+    /// CUDA kernels (CUDA C, and PTX for sm_80 when NVRTC can be loaded).
     Cuda,
     /// CPU programs and CUDA kernels.
     All,
@@ -81,6 +85,8 @@ pub enum Emit {
     Graph,
     /// `NAME.program.txt`.
     Program,
+    /// `NAME.train.cu` and `NAME.eval.cu`.
+    Cuda,
 }
 
 pub fn run_build(args: &BuildArgs, quiet: bool) -> Result<()> {
@@ -99,22 +105,36 @@ pub fn run_build(args: &BuildArgs, quiet: bool) -> Result<()> {
         }
     }
 
-    let (compiled, fusion) = compile_with_report(&spec, CompileOptions::default())
+    let options = CompileOptions {
+        fuse: !args.no_fuse,
+        ..CompileOptions::default()
+    };
+    let (compiled, fusion) = compile_with_report(&spec, options)
         .with_context(|| format!("cannot compile network {}", args.net.display()))?;
     let target = Target::from(args.target);
-    if target.wants_cuda() {
-        // TODO: compile and embed the CUDA kernels once codegen's CUDA backend
-        // lowers whole programs; until then a CUDA build carries CPU programs only.
-        eprintln!(
-            "note: the CUDA backend is not available in builds yet, so {} contains CPU \
-             programs only and records that it has no CUDA kernels",
-            output.display()
-        );
+    let mut cuda_modules = Vec::new();
+    if target.wants_cuda() || args.emit.contains(&Emit::Cuda) {
+        match cuda_modules_of(&compiled, target.wants_cuda()) {
+            Ok(modules) => cuda_modules = modules,
+            Err(e) if target.wants_cuda() => {
+                // TODO: lower the fused ops to CUDA so fused programs can carry kernels.
+                eprintln!(
+                    "note: {} contains CPU programs only, because CUDA lowering failed: {e:#}",
+                    output.display()
+                );
+            }
+            Err(e) => return Err(e.context("cannot emit CUDA kernels")),
+        }
     }
     let payload = Payload {
         ldnc_version: env!("CARGO_PKG_VERSION").to_string(),
         target,
-        cuda_kernels: false,
+        cuda_kernels: target.wants_cuda() && !cuda_modules.is_empty(),
+        cuda_modules: if target.wants_cuda() {
+            cuda_modules.clone()
+        } else {
+            Vec::new()
+        },
         net: compiled,
     };
     let section = payload::encode(&payload)?;
@@ -146,6 +166,16 @@ pub fn run_build(args: &BuildArgs, quiet: bool) -> Result<()> {
             let training = dot(&stages.training, &format!("{title} training"));
             emit_file(&output, "forward.dot", &forward, quiet)?;
             emit_file(&output, "train.dot", &training, quiet)?;
+        }
+    }
+    if args.emit.contains(&Emit::Cuda) {
+        for module in &cuda_modules {
+            emit_file(
+                &output,
+                &format!("{}.cu", module.program),
+                &module.source,
+                quiet,
+            )?;
         }
     }
     if args.emit.contains(&Emit::Program) {
@@ -267,6 +297,52 @@ fn check_written(path: &Path, expected: &Payload) -> Result<()> {
 
 /// Writes `OUTPUT.suffix` next to the executable (the executable suffix, if
 /// any, dropped from the name).
+/// Lowers the training and evaluation programs to CUDA kernels and prints each
+/// program's distinct kernels as one translation unit; with `ptx`, also compiles
+/// it for sm_80 when NVRTC can be loaded.
+fn cuda_modules_of(compiled: &CompiledNet, ptx: bool) -> Result<Vec<CudaModule>> {
+    use ldnc_codegen::cuda::{lower, nvrtc, print};
+    let mut modules = Vec::new();
+    for (name, program) in [("train", &compiled.train), ("eval", &compiled.eval)] {
+        let steps = lower::lower_program(program)
+            .with_context(|| format!("lowering the {name} program to CUDA"))?;
+        // Kernels are keyed by their text, so a kernel shared by several steps is
+        // printed once; a name used by two different kernels gets a suffix.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut names: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut kernels = Vec::new();
+        for launch in steps.iter().flat_map(|s| s.launches.iter()) {
+            if !seen.insert(print::print_kernel(&launch.kernel)) {
+                continue;
+            }
+            let mut kernel = launch.kernel.clone();
+            let uses = names.entry(kernel.name.clone()).or_default();
+            if *uses > 0 {
+                kernel.name = format!("{}_{uses}", kernel.name);
+            }
+            *uses += 1;
+            kernels.push(kernel);
+        }
+        let refs: Vec<&ldnc_codegen::cuda::kernel::Kernel> = kernels.iter().collect();
+        let source = print::print_module(&refs);
+        let (ptx, ptx_arch) = if ptx && nvrtc::available().is_ok() {
+            let arch = nvrtc::Arch::Sm80;
+            let text = nvrtc::compile_source(name, &source, arch)
+                .with_context(|| format!("compiling the {name} kernels with NVRTC"))?;
+            (Some(text), Some(arch.to_string()))
+        } else {
+            (None, None)
+        };
+        modules.push(CudaModule {
+            program: name.to_string(),
+            source,
+            ptx,
+            ptx_arch,
+        });
+    }
+    Ok(modules)
+}
+
 fn emit_file(output: &Path, suffix: &str, text: &str, quiet: bool) -> Result<()> {
     let name = output
         .file_name()
