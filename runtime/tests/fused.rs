@@ -455,6 +455,45 @@ proptest! {
     }
 }
 
+/// Layers with more pixels than one 512-pixel block of the fast batch-norm
+/// passes and more images than one convolution chunk.
+#[test]
+fn fast_matches_reference_over_many_blocks() {
+    let base = Layer {
+        n: 5,
+        h: 15,
+        w: 13,
+        channels: vec![3, 16, 5, 12],
+        k: 3,
+        stride: 1,
+        pad: 1,
+        cout: 8,
+    };
+    let pointwise = Layer {
+        k: 1,
+        pad: 0,
+        ..base.clone()
+    };
+    let strided = Layer {
+        stride: 2,
+        ..base.clone()
+    };
+    for (seed, layer) in [base, pointwise, strided].into_iter().enumerate() {
+        let v = draw(&layer, seed as u64);
+        let types = Operands::new(&layer);
+        for (op, operands) in fused_cases(&layer, &types, &v) {
+            let fast = run(KernelSet::Fast, &op, &operands, layer.n).expect("fast kernel runs");
+            let want = reference(&op, &operands, layer.n);
+            assert_close(
+                &fast,
+                &want,
+                1e-4,
+                &format!("{} with k {}", op.name(), layer.k),
+            );
+        }
+    }
+}
+
 /// Central-difference step for weights and affine parameters, and for inputs
 /// in units of their channel's standard deviation. The objective sums f32
 /// outputs of the reference forward, which carry a relative rounding error of

@@ -7,31 +7,39 @@
 //! contiguous NHWC matrix with the channels of all inputs side by side, and
 //! run the unfused fast convolution kernel on it. A 1x1 stride-1 convolution
 //! without padding is a product per pixel, so it treats every pixel as a 1x1
-//! image and chunks by pixels. The scratch buffer therefore holds one chunk,
-//! never the layer. The batch-norm gradients read the inputs where they lie,
-//! in two passes over blocks of pixels: per-channel sums, then the
-//! element-wise gradient.
+//! image and chunks by pixels. The scratch buffer therefore contains one
+//! chunk, never the whole batch unless the batch is one image. The batch-norm
+//! gradients read the inputs where they lie, in two passes over blocks of
+//! pixels: per-channel sums, then the element-wise gradient.
 //!
-//! Every loop over pixels runs input by input, then pixel by pixel, then over
-//! that input's contiguous channels, so the inner loop has no branch on which
-//! input a channel belongs to and vectorises.
+//! The element-wise loops run pixel by pixel, then input by input, then over
+//! that input's contiguous channels. The inner loop thus has no branch on
+//! which input a channel belongs to and vectorises, and the rows of `dz`,
+//! `dx` and `z`, which hold all channels, are read or written in order.
 //!
 //! The normalisation is `u = x * scale + shift` in f32, with
 //! `scale = gamma / sqrt(var + eps)` and `shift = beta - mean * scale`, as in
 //! the fast `bn_apply`, so the fused and the unfused fast kernels agree on the
-//! ReLU mask. Sums of the gradients run in f64, one partial per block of
-//! pixels, added in block order, so they do not depend on the thread count.
-//! The convolution kernels split their work by thread count, as documented in
-//! `conv.rs`, and the chunks add their filter gradients in chunk order, so
-//! every result is deterministic for a given thread count.
+//! ReLU mask. The gradient sums run in f32 over runs of `RUN_PIXELS` pixels
+//! and in f64 across runs and blocks, added in block order, so they do not
+//! depend on the thread count. The convolution kernels split their work by
+//! thread count, as `conv.rs` states, and the chunks add their filter
+//! gradients in chunk order, so every result is deterministic for a given
+//! thread count.
 
 use super::conv;
 use crate::kernels::dispatch::BnRelu;
 use crate::kernels::layout::{ConvShape, Window};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Pixels per rayon task in normalisation and batch-norm gradient passes.
 const BLOCK_ROWS: usize = 512;
+
+/// Pixels per run of f32 sums in the batch-norm gradients. The rounding
+/// error of a run's sum is at most about `RUN_PIXELS` f32 epsilons of the sum
+/// of its magnitudes, and the runs add up in f64.
+const RUN_PIXELS: usize = 32;
 
 /// Big-side pixels per thread in one convolution chunk. At the convolution's
 /// 256-pixel GEMM blocks this gives each thread about eight blocks per chunk,
@@ -52,14 +60,6 @@ struct Normaliser<'a> {
     scale: Vec<f32>,
     /// Per-channel `beta - mean * scale`.
     shift: Vec<f32>,
-}
-
-/// One input seen over a block of pixels: its channel range within the
-/// concatenation and its rows for those pixels.
-struct Part<'a> {
-    first: usize,
-    channels: usize,
-    rows: &'a [f32],
 }
 
 impl<'a> Normaliser<'a> {
@@ -93,9 +93,9 @@ impl<'a> Normaliser<'a> {
         }
     }
 
-    /// Iterates over the inputs with at least one channel, restricted to
-    /// pixels `first .. first + rows` of the batch.
-    fn parts(&self, first: usize, rows: usize) -> impl Iterator<Item = Part<'a>> + '_ {
+    /// Lists the inputs with at least one channel, restricted to pixels
+    /// `first .. first + rows` of the batch.
+    fn parts(&self, first: usize, rows: usize) -> Vec<Part<'_>> {
         let input = self.input;
         input
             .parts
@@ -103,33 +103,30 @@ impl<'a> Normaliser<'a> {
             .zip(&input.channels)
             .zip(&self.offsets)
             .filter(|((_, &c), _)| c > 0)
-            .map(move |((part, &c), &offset)| Part {
-                first: offset,
-                channels: c,
-                rows: &part[first * c..(first + rows) * c],
+            .map(|((part, &c), &offset)| {
+                let range = offset..offset + c;
+                Part {
+                    rows: &part[first * c..(first + rows) * c],
+                    coef: Coefficients {
+                        scale: &self.scale[range.clone()],
+                        shift: &self.shift[range.clone()],
+                        mean: &input.stats[range.clone()],
+                        inv: &self.inv[range.clone()],
+                    },
+                    range,
+                }
             })
+            .collect()
     }
 
     /// Writes `z = relu(bn(x))` for pixels `first .. first + rows` of the
     /// batch into `z`, a `[rows, C]` matrix, serially.
     fn rectify_block(&self, first: usize, z: &mut [f32]) {
-        let c = self.width;
-        let rows = z.len() / c;
-        for part in self.parts(first, rows) {
-            let range = part.first..part.first + part.channels;
-            let (scale, shift) = (&self.scale[range.clone()], &self.shift[range.clone()]);
-            for (z_row, x_row) in z
-                .chunks_exact_mut(c)
-                .zip(part.rows.chunks_exact(part.channels))
-            {
-                for (((out, &x), &a), &b) in z_row[range.clone()]
-                    .iter_mut()
-                    .zip(x_row)
-                    .zip(scale)
-                    .zip(shift)
-                {
-                    *out = (x * a + b).max(0.0);
-                }
+        let parts = self.parts(first, z.len() / self.width);
+        for (r, z_row) in z.chunks_exact_mut(self.width).enumerate() {
+            for part in &parts {
+                part.coef
+                    .rectify(part.row(r), &mut z_row[part.range.clone()]);
             }
         }
     }
@@ -147,9 +144,92 @@ impl<'a> Normaliser<'a> {
     }
 }
 
-/// The window a chunked convolution sweeps: the layer's window, or, for a
-/// 1x1 stride-1 convolution without padding, one 1x1 image per pixel, so that
-/// its chunks need not hold whole images.
+/// One input over a block of pixels.
+struct Part<'a> {
+    /// The input's rows for the block's pixels.
+    rows: &'a [f32],
+    /// The input's channels within the concatenation.
+    range: Range<usize>,
+    coef: Coefficients<'a>,
+}
+
+impl Part<'_> {
+    /// Returns the input's values at pixel `r` of the block.
+    #[inline]
+    fn row(&self, r: usize) -> &[f32] {
+        let c = self.range.len();
+        &self.rows[r * c..(r + 1) * c]
+    }
+}
+
+/// Returns `dz` where `u > 0` and 0 elsewhere. A bit mask selects the value,
+/// because rustc 1.95 compiled the equivalent `if` to an unpredictable branch
+/// on the default x86-64 target and left the loops around it scalar.
+#[inline]
+fn relu_gradient(u: f32, dz: f32) -> f32 {
+    let keep = u32::from(u > 0.0).wrapping_neg();
+    f32::from_bits(dz.to_bits() & keep)
+}
+
+/// The batch-norm coefficients of one input's channels, all of one length.
+struct Coefficients<'a> {
+    scale: &'a [f32],
+    shift: &'a [f32],
+    mean: &'a [f32],
+    inv: &'a [f32],
+}
+
+impl Coefficients<'_> {
+    /// Writes `z = relu(x * scale + shift)` for one pixel.
+    #[inline]
+    fn rectify(&self, x: &[f32], z: &mut [f32]) {
+        // Slicing every operand to one length lets the compiler drop the
+        // bounds checks and vectorise the loop.
+        let len = x.len();
+        let (z, scale, shift) = (&mut z[..len], &self.scale[..len], &self.shift[..len]);
+        for j in 0..len {
+            z[j] = (x[j] * scale[j] + shift[j]).max(0.0);
+        }
+    }
+
+    /// Adds `du` to `sum_du` and `du * xhat` to `sum_du_xhat` for one pixel,
+    /// where `xhat = (x - mean) * inv` and `du = dz * [u > 0]`.
+    #[inline]
+    fn add_sums(&self, x: &[f32], dz: &[f32], sum_du: &mut [f32], sum_du_xhat: &mut [f32]) {
+        let len = x.len();
+        let (dz, sum_du, sum_du_xhat) = (&dz[..len], &mut sum_du[..len], &mut sum_du_xhat[..len]);
+        let (scale, shift) = (&self.scale[..len], &self.shift[..len]);
+        let (mean, inv) = (&self.mean[..len], &self.inv[..len]);
+        for j in 0..len {
+            let u = x[j] * scale[j] + shift[j];
+            let du = relu_gradient(u, dz[j]);
+            let xhat = (x[j] - mean[j]) * inv[j];
+            sum_du[j] += du;
+            sum_du_xhat[j] += du * xhat;
+        }
+    }
+
+    /// Writes `dx = scale * (du - mean_du - xhat * mean_du_xhat)` for one
+    /// pixel, where `xhat = (x - mean) * inv` and `du = dz * [u > 0]`.
+    #[inline]
+    fn backward(&self, x: &[f32], dz: &[f32], means: (&[f32], &[f32]), dx: &mut [f32]) {
+        let len = x.len();
+        let (dz, dx) = (&dz[..len], &mut dx[..len]);
+        let (mean_du, mean_du_xhat) = (&means.0[..len], &means.1[..len]);
+        let (scale, shift) = (&self.scale[..len], &self.shift[..len]);
+        let (mean, inv) = (&self.mean[..len], &self.inv[..len]);
+        for j in 0..len {
+            let u = x[j] * scale[j] + shift[j];
+            let du = relu_gradient(u, dz[j]);
+            let xhat = (x[j] - mean[j]) * inv[j];
+            dx[j] = scale[j] * (du - mean_du[j] - xhat * mean_du_xhat[j]);
+        }
+    }
+}
+
+/// Returns the window a chunked convolution sweeps: the layer's window, or,
+/// for a 1x1 stride-1 convolution without padding, one 1x1 image per pixel,
+/// so that its chunks need not consist of whole images.
 fn chunk_window(win: &Window) -> Window {
     if win.k == 1 && win.stride == 1 && win.pad == 0 {
         Window {
@@ -167,7 +247,7 @@ fn chunk_window(win: &Window) -> Window {
 
 /// Images per convolution chunk: about `CHUNK_PIXELS_PER_THREAD` big-side
 /// pixels per thread, at least one image, and at most half the batch, so that
-/// no chunk holds the whole batch unless the batch is a single image.
+/// no chunk contains the whole batch unless the batch is a single image.
 fn chunk_images(win: &Window) -> usize {
     let budget = CHUNK_PIXELS_PER_THREAD * rayon::current_num_threads();
     let per_image = (win.big_h * win.big_w).max(1);
@@ -175,13 +255,9 @@ fn chunk_images(win: &Window) -> usize {
 }
 
 /// Calls `f(chunk_shape, z, first_image)` for each chunk of images of
-/// `shape`, in order, where `z` holds `relu(bn(x))` of the chunk's big-side
+/// `shape`, in order, where `z` contains `relu(bn(x))` of the chunk's big-side
 /// pixels and `chunk_shape` is the convolution over that chunk alone.
-fn for_each_chunk(
-    shape: &ConvShape,
-    input: &BnRelu,
-    mut f: impl FnMut(&ConvShape, &[f32], usize),
-) {
+fn for_each_chunk(shape: &ConvShape, input: &BnRelu, mut f: impl FnMut(&ConvShape, &[f32], usize)) {
     let norm = Normaliser::new(input);
     let win = chunk_window(&shape.win);
     let per_image = win.big_h * win.big_w;
@@ -226,33 +302,30 @@ pub fn bn_relu_conv_backward_filter(shape: &ConvShape, input: &BnRelu, dy: &[f32
 }
 
 /// Adds, for every channel of pixels `first .. first + rows`, `du` to
-/// `sums[ch]` and `du * xhat` to `sums[C + ch]`, where
-/// `xhat = (x - mean) * inv` and `du = dz * [u > 0]` is the gradient of the
-/// batch-norm output. `dz` holds the block's `[rows, C]` rows.
+/// `sums[ch]` and `du * xhat` to `sums[C + ch]`. `dz` contains the
+/// block's `[rows, C]` rows. Each run of `RUN_PIXELS` pixels is summed in f32 and
+/// then added to the f64 sums.
 fn add_masked_sums(norm: &Normaliser, first: usize, dz: &[f32], sums: &mut [f64]) {
     let c = norm.width;
-    let rows = dz.len() / c;
-    let mean = norm.input.stats;
-    let (sum_du, sum_du_xhat) = sums.split_at_mut(c);
-    for part in norm.parts(first, rows) {
-        let range = part.first..part.first + part.channels;
-        let (scale, shift) = (&norm.scale[range.clone()], &norm.shift[range.clone()]);
-        let (mean, inv) = (&mean[range.clone()], &norm.inv[range.clone()]);
-        let (acc_du, acc_du_xhat) = (&mut sum_du[range.clone()], &mut sum_du_xhat[range.clone()]);
-        for (x_row, dz_row) in part
-            .rows
-            .chunks_exact(part.channels)
-            .zip(dz.chunks_exact(c))
-        {
-            let dz_row = &dz_row[range.clone()];
-            for j in 0..part.channels {
-                let x = x_row[j];
-                let u = x * scale[j] + shift[j];
-                let du = if u > 0.0 { dz_row[j] } else { 0.0 };
-                let xhat = (x - mean[j]) * inv[j];
-                acc_du[j] += du as f64;
-                acc_du_xhat[j] += (du * xhat) as f64;
+    let parts = norm.parts(first, dz.len() / c);
+    let mut run = vec![0f32; 2 * c];
+    for (index, dz_run) in dz.chunks(RUN_PIXELS * c).enumerate() {
+        run.fill(0.0);
+        let (run_du, run_du_xhat) = run.split_at_mut(c);
+        for (r, dz_row) in dz_run.chunks_exact(c).enumerate() {
+            let r = index * RUN_PIXELS + r;
+            for part in &parts {
+                let range = part.range.clone();
+                part.coef.add_sums(
+                    part.row(r),
+                    &dz_row[range.clone()],
+                    &mut run_du[range.clone()],
+                    &mut run_du_xhat[range],
+                );
             }
+        }
+        for (s, r) in sums.iter_mut().zip(&run) {
+            *s += *r as f64;
         }
     }
 }
@@ -300,27 +373,21 @@ pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
         .zip(dz.par_chunks(BLOCK_ROWS * c))
         .enumerate()
         .for_each(|(block, (dx, dz))| {
-            let rows = dx.len() / c;
-            for part in norm.parts(block * BLOCK_ROWS, rows) {
-                let range = part.first..part.first + part.channels;
-                let (scale, shift) = (&norm.scale[range.clone()], &norm.shift[range.clone()]);
-                let (mean, inv) = (&input.stats[range.clone()], &norm.inv[range.clone()]);
-                let (mean_du, mean_du_xhat) =
-                    (&mean_du[range.clone()], &mean_du_xhat[range.clone()]);
-                for ((x_row, dz_row), dx_row) in part
-                    .rows
-                    .chunks_exact(part.channels)
-                    .zip(dz.chunks_exact(c))
-                    .zip(dx.chunks_exact_mut(c))
-                {
-                    let (dz_row, dx_row) = (&dz_row[range.clone()], &mut dx_row[range.clone()]);
-                    for j in 0..part.channels {
-                        let x = x_row[j];
-                        let u = x * scale[j] + shift[j];
-                        let du = if u > 0.0 { dz_row[j] } else { 0.0 };
-                        let xhat = (x - mean[j]) * inv[j];
-                        dx_row[j] = scale[j] * (du - mean_du[j] - xhat * mean_du_xhat[j]);
-                    }
+            let parts: Vec<_> = norm
+                .parts(block * BLOCK_ROWS, dx.len() / c)
+                .into_iter()
+                .map(|part| {
+                    let range = part.range.clone();
+                    let means = (&mean_du[range.clone()], &mean_du_xhat[range]);
+                    (part, means)
+                })
+                .collect();
+            for (r, (dx_row, dz_row)) in dx.chunks_exact_mut(c).zip(dz.chunks_exact(c)).enumerate()
+            {
+                for (part, means) in &parts {
+                    let range = part.range.clone();
+                    let (dz, dx) = (&dz_row[range.clone()], &mut dx_row[range]);
+                    part.coef.backward(part.row(r), dz, *means, dx);
                 }
             }
         });
