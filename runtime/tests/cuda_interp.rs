@@ -379,3 +379,158 @@ fn interpreter_reports_shared_out_of_bounds() {
     assert!(text.contains("shared array `tile` index 16"), "{text}");
     assert!(text.contains("length 16"), "{text}");
 }
+
+/// The operands every fused BN-ReLU op starts with: inputs `x_1 .. x_m` of
+/// `parts[i]` channels over an `h x w` image, the batch statistics of their
+/// concatenation (so variances are those of real data) and random affine
+/// parameters, whose negative gammas and offsets rectify some channels
+/// mostly and others rarely.
+fn fused_operands(parts: &[usize], (n, h, w): (usize, usize, usize), seed: u64) -> Vec<Operand> {
+    let mut operands: Vec<Operand> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| operand(TensorType::batched(&[h, w, c]), n, seed ^ (i as u64 + 11)))
+        .collect();
+    let c: usize = parts.iter().sum();
+    let concat_ty = TensorType::batched(&[h, w, c]);
+    let stats_ty = TensorType::fixed(&[2, c]);
+    let ctx = Ctx { n, seed };
+    let ins: Vec<In> = operands
+        .iter()
+        .map(|o| In {
+            data: &o.data,
+            ty: &o.ty,
+        })
+        .collect();
+    let mut concat = vec![0.0; concat_ty.numel(n)];
+    KernelSet::Reference
+        .compute(&Op::Concat, &ins, &mut concat, &concat_ty, &ctx)
+        .expect("the reference concatenates the inputs");
+    let mut stats = vec![0.0; 2 * c];
+    KernelSet::Reference
+        .compute(
+            &Op::BnStats,
+            &[In {
+                data: &concat,
+                ty: &concat_ty,
+            }],
+            &mut stats,
+            &stats_ty,
+            &ctx,
+        )
+        .expect("the reference computes batch statistics");
+    operands.push(Operand {
+        ty: stats_ty.clone(),
+        data: stats,
+    });
+    operands.push(operand(stats_ty, n, seed ^ 5));
+    operands
+}
+
+/// 1 to 3 inputs of 1 to 5 channels each, so totals are often odd.
+fn fused_parts() -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(1usize..6, 1..4)
+}
+
+/// A fused convolution: `(n, h, w, cout, k, stride, pad)` with k 1 or 3,
+/// stride 1 or 2 and padding up to `k / 2`.
+fn fused_conv_shape() -> impl Strategy<Value = (usize, usize, usize, usize, usize, usize, usize)> {
+    (
+        1usize..3,
+        1usize..7,
+        1usize..7,
+        1usize..6,
+        prop_oneof![Just(1usize), Just(3)],
+        1usize..3,
+        0usize..2,
+    )
+        .prop_map(|(n, h, w, cout, k, stride, pad)| (n, h, w, cout, k, stride, pad.min(k / 2)))
+        .prop_filter(
+            "the window must fit the padded image",
+            |&(_, h, w, _, k, _, pad)| h + 2 * pad >= k && w + 2 * pad >= k,
+        )
+}
+
+/// Batch-norm arithmetic in f32 against the f64 reference, as for the
+/// unfused batch-norm ops.
+const FUSED_TOL: f32 = 1e-3;
+
+proptest! {
+    #![proptest_config(config(6))]
+
+    #[test]
+    fn fused_conv_and_filter_gradient_match(
+        parts in fused_parts(), (n, h, w, cout, k, stride, pad) in fused_conv_shape(), seed: u64,
+    ) {
+        let c: usize = parts.iter().sum();
+        let eps = 1e-3;
+        let fwd = Op::BnReluConv { k, stride, pad, eps };
+        let mut operands = fused_operands(&parts, (n, h, w), seed);
+        operands.push(operand(TensorType::fixed(&[k, k, c, cout]), n, seed ^ 1));
+        let types: Vec<&TensorType> = operands.iter().map(|o| &o.ty).collect();
+        let y_ty = fwd.infer(&types).map_err(TestCaseError::fail)?;
+        check(&fwd, &operands, n, seed, FUSED_TOL)?;
+
+        let bwd = Op::BnReluConvBackwardFilter { k, stride, pad, eps };
+        let mut operands = fused_operands(&parts, (n, h, w), seed);
+        operands.push(operand(y_ty, n, seed ^ 2));
+        check(&bwd, &operands, n, seed, FUSED_TOL)?;
+    }
+
+    /// Rows per channel range from 1 to about 400, so some channels take
+    /// several passes of the 256-thread block.
+    #[test]
+    fn fused_bn_relu_gradients_match(
+        parts in fused_parts(), n in 1usize..4, h in 1usize..12, w in 1usize..12, seed: u64,
+    ) {
+        let c: usize = parts.iter().sum();
+        let eps = 1e-3;
+        let dz = || operand(TensorType::batched(&[h, w, c]), n, seed ^ 7);
+        let mut operands = fused_operands(&parts, (n, h, w), seed);
+        operands.push(dz());
+        check(&Op::BnReluBackward { eps }, &operands, n, seed, FUSED_TOL)?;
+        let mut operands = fused_operands(&parts, (n, h, w), seed);
+        operands.push(dz());
+        check(&Op::BnReluAffineGrad { eps }, &operands, n, seed, FUSED_TOL)?;
+    }
+
+    #[test]
+    fn concat_stats_matches(parts in fused_parts(), seed: u64) {
+        let operands: Vec<Operand> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| operand(TensorType::fixed(&[2, c]), 1, seed ^ i as u64))
+            .collect();
+        check(&Op::ConcatStats, &operands, 1, seed, 0.0)?;
+    }
+}
+
+/// Fused ops past one GEMM tile: M = 84 pixels and N = 70 output channels
+/// for the convolution, M = 67 input channels for the filter gradient, and
+/// K past several 8-deep chunks, with the channels of one chunk spread over
+/// two inputs.
+#[test]
+fn fused_conv_spans_several_tiles() {
+    let (n, h, w, cout, eps) = (2, 6, 7, 70, 1e-3);
+    let forward = Op::BnReluConv {
+        k: 1,
+        stride: 1,
+        pad: 0,
+        eps,
+    };
+    let parts = [5, 7, 9];
+    let mut operands = fused_operands(&parts, (n, h, w), 3);
+    operands.push(operand(TensorType::fixed(&[1, 1, 21, cout]), n, 4));
+    check(&forward, &operands, n, 3, FUSED_TOL).expect("fused conv over 2 x 2 tiles matches");
+
+    let filter = Op::BnReluConvBackwardFilter {
+        k: 3,
+        stride: 2,
+        pad: 1,
+        eps,
+    };
+    let parts = [30, 37];
+    let mut operands = fused_operands(&parts, (n, h, w), 5);
+    operands.push(operand(TensorType::batched(&[3, 4, 3]), n, 6));
+    check(&filter, &operands, n, 5, FUSED_TOL).expect("fused filter gradient over 2 tiles matches");
+}

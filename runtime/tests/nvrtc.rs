@@ -44,6 +44,10 @@ fn sample_ops() -> Vec<(Op, Vec<TensorType>)> {
     let logits = TensorType::batched(&[5, 7, 6]);
     let labels = TensorType::batched(&[5, 7]);
     let weights = Some(vec![1.0, 2.0, 0.5, 1.0, 1.0, 3.0]);
+    // The fused ops read the concatenation of `img` and `part`, 5 channels.
+    let part = TensorType::batched(&[5, 7, 2]);
+    let concat = TensorType::batched(&[5, 7, 5]);
+    let fused_stats = fixed(&[2, 5]);
     vec![
         (Op::Relu, vec![img.clone()]),
         (Op::ReluBackward, vec![img.clone(), img.clone()]),
@@ -192,6 +196,70 @@ fn sample_ops() -> Vec<(Op, Vec<TensorType>)> {
             },
             vec![small, up],
         ),
+        (
+            Op::ConcatStats,
+            vec![stats.clone(), fixed(&[2, 2]), fixed(&[2, 1])],
+        ),
+        (
+            Op::BnReluConv {
+                k: 3,
+                stride: 1,
+                pad: 1,
+                eps: 1e-5,
+            },
+            vec![
+                img.clone(),
+                part.clone(),
+                fused_stats.clone(),
+                fused_stats.clone(),
+                fixed(&[3, 3, 5, 4]),
+            ],
+        ),
+        (
+            Op::BnReluConv {
+                k: 1,
+                stride: 2,
+                pad: 0,
+                eps: 1e-5,
+            },
+            vec![
+                img.clone(),
+                part.clone(),
+                TensorType::batched(&[5, 7, 1]),
+                fixed(&[2, 6]),
+                fixed(&[2, 6]),
+                fixed(&[1, 1, 6, 4]),
+            ],
+        ),
+        (
+            Op::BnReluConvBackwardFilter {
+                k: 3,
+                stride: 2,
+                pad: 1,
+                eps: 1e-5,
+            },
+            vec![
+                img.clone(),
+                part.clone(),
+                fused_stats.clone(),
+                fused_stats.clone(),
+                conv_out,
+            ],
+        ),
+        (
+            Op::BnReluBackward { eps: 1e-5 },
+            vec![
+                img.clone(),
+                part.clone(),
+                fused_stats.clone(),
+                fused_stats.clone(),
+                concat.clone(),
+            ],
+        ),
+        (
+            Op::BnReluAffineGrad { eps: 1e-5 },
+            vec![img, part, fused_stats.clone(), fused_stats, concat],
+        ),
     ]
 }
 
@@ -223,13 +291,18 @@ fn samples_cover_every_lowering() {
         "conv_transpose2d_backward_filter",
         "bn_stats",
         "softmax_cross_entropy_weight",
+        "concat_stats",
+        "bn_relu_conv",
+        "bn_relu_conv_backward_filter",
+        "bn_relu_backward",
+        "bn_relu_affine_grad",
     ] {
         assert!(
             names.iter().any(|n| n == expected),
             "no sample lowers to `{expected}`"
         );
     }
-    assert!(names.len() >= 35, "only {} kernels sampled", names.len());
+    assert!(names.len() >= 41, "only {} kernels sampled", names.len());
 }
 
 #[test]
@@ -466,7 +539,7 @@ fn compare_samples(
         let inputs: Vec<Vec<f32>> = types
             .iter()
             .enumerate()
-            .map(|(i, t)| sample_data(&op, i, t.numel(n), k as u64))
+            .map(|(i, t)| sample_data(&op, (i, types.len()), t.numel(n), k as u64))
             .collect();
         let ins: Vec<In> = inputs
             .iter()
@@ -551,9 +624,9 @@ fn gpu_kernels_match_reference() {
     );
 }
 
-/// Valid operand data for sample `op`: class indices for labels, and
-/// positive variances for batch-norm statistics.
-fn sample_data(op: &Op, i: usize, len: usize, seed: u64) -> Vec<f32> {
+/// Valid data for operand `i` of the `count` operands of sample `op`: class
+/// indices for labels, and positive variances for batch-norm statistics.
+fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(31).wrapping_add(i as u64);
     let mut next = move || {
         state = state
@@ -565,10 +638,20 @@ fn sample_data(op: &Op, i: usize, len: usize, seed: u64) -> Vec<f32> {
         op,
         Op::SoftmaxCrossEntropy { .. } | Op::SoftmaxCrossEntropyBackward { .. }
     );
-    let is_stats = matches!(
+    let is_fused = matches!(
+        op,
+        Op::BnReluConv { .. }
+            | Op::BnReluConvBackwardFilter { .. }
+            | Op::BnReluBackward { .. }
+            | Op::BnReluAffineGrad { .. }
+    );
+    // The fused ops take their statistics after the inputs x_1 .. x_m, as
+    // the third operand from the end.
+    let is_stats = (matches!(
         op,
         Op::BnApply { .. } | Op::BnBackward { .. } | Op::BnAffineGrad { .. }
-    ) && i == 1;
+    ) && i == 1)
+        || (is_fused && i + 3 == count);
     (0..len)
         .map(|_| {
             if is_loss && i == 1 {

@@ -22,6 +22,10 @@
 //! edge load zeros, so sizes that do not divide the tiles need no special
 //! case. The filter gradients run one grid layer per tap and reduce over the
 //! whole batch inside one block, so they are deterministic without atomics.
+//!
+//! The fused `BnReluConv` and its filter gradient in [`super::fused`] use
+//! this template with their own A loader, through `emit` and
+//! `Geometry::big_at_small_with`.
 
 use ldnc_ir::{Op, TensorType};
 
@@ -41,11 +45,11 @@ pub const TILE_K: usize = 8;
 const MICRO: usize = 4;
 /// Threads along each side of the 16 x 16 thread grid of a block.
 const SIDE: usize = 16;
-const GEMM_THREADS: usize = SIDE * SIDE;
+pub(super) const GEMM_THREADS: usize = SIDE * SIDE;
 
 /// Geometry of a sliding window between a big and a small image.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
+pub(super) struct Geometry {
     k: usize,
     stride: usize,
     pad: usize,
@@ -56,7 +60,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(
+    pub(super) fn new(
         op: &Op,
         big: &TensorType,
         small: &TensorType,
@@ -82,8 +86,13 @@ impl Geometry {
         })
     }
 
-    fn taps(&self) -> usize {
+    pub(super) fn taps(&self) -> usize {
         self.k * self.k
+    }
+
+    /// Pixels of one small-side image: window positions per image.
+    pub(super) fn small_pixels(&self) -> usize {
+        self.sh * self.sw
     }
 
     /// The value of `buf` (big side, `c` channels) that tap `tap` of small
@@ -97,6 +106,21 @@ impl Geometry {
         tap: &Expr,
         ch: &Expr,
     ) -> Expr {
+        self.big_at_small_with(b, s, tap, |pixel| buf.load(pixel * int(c) + ch))
+    }
+
+    /// The value `load(pixel)` of the big-side pixel that tap `tap` of small
+    /// pixel `s` reads, or 0 in the padding. `pixel` is the flat index
+    /// `(img * bh + by) * bw + bx` over the batch. The kernel evaluates the
+    /// expression `load` builds only when the tap is inside the image, so it
+    /// may index with `pixel` freely.
+    pub(super) fn big_at_small_with(
+        &self,
+        b: &mut KernelBuilder,
+        s: &Expr,
+        tap: &Expr,
+        load: impl FnOnce(&Expr) -> Expr,
+    ) -> Expr {
         let g = *self;
         let img = b.let_("img", s / int(g.sh * g.sw));
         let sy = b.let_("sy", (s / int(g.sw)) % int(g.sh));
@@ -108,8 +132,8 @@ impl Geometry {
             .and(by.lt(int(g.bh)))
             .and(bx.ge(0))
             .and(bx.lt(int(g.bw)));
-        let index = ((img * int(g.bh) + &by) * int(g.bw) + &bx) * int(c) + ch;
-        inside.select(buf.load(index), 0.0f32)
+        let pixel = (img * int(g.bh) + &by) * int(g.bw) + &bx;
+        inside.select(load(&pixel), 0.0f32)
     }
 
     /// The value of `buf` (small side, `c` channels) at the window position
@@ -145,20 +169,20 @@ impl Geometry {
 
 /// Loads one element of an operand tile: arguments are the builder, the
 /// matrix row, the matrix column and the grid layer `blockIdx.z`.
-type Loader<'a> = &'a dyn Fn(&mut KernelBuilder, &Expr, &Expr, &Expr) -> Expr;
+pub(super) type Loader<'a> = &'a dyn Fn(&mut KernelBuilder, &Expr, &Expr, &Expr) -> Expr;
 
 /// One implicit GEMM.
-struct Gemm<'a> {
-    m: Expr,
-    n: Expr,
-    k: Expr,
+pub(super) struct Gemm<'a> {
+    pub(super) m: Expr,
+    pub(super) n: Expr,
+    pub(super) k: Expr,
     /// Grid layers (taps of a filter gradient, else 1).
-    layers: usize,
-    a: Loader<'a>,
-    b: Loader<'a>,
+    pub(super) layers: usize,
+    pub(super) a: Loader<'a>,
+    pub(super) b: Loader<'a>,
     /// The output buffer and the flat index of `C[row, col]` in layer `z`.
-    y: Buffer,
-    out: &'a dyn Fn(&Expr, &Expr, &Expr) -> Expr,
+    pub(super) y: Buffer,
+    pub(super) out: &'a dyn Fn(&Expr, &Expr, &Expr) -> Expr,
 }
 
 /// Loads a `rows x cols` tile (`cols` fastest across threads) into `tile`
@@ -196,7 +220,7 @@ fn load_tile(
 }
 
 /// Emits the GEMM template into `l`.
-fn emit(l: &mut Lowering, g: Gemm) {
+pub(super) fn emit(l: &mut Lowering, g: Gemm) {
     l.grid(
         ceil_div(g.m.clone(), TILE_M),
         ceil_div(g.n.clone(), TILE_N),
@@ -322,7 +346,7 @@ pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<Lowere
     Ok(LoweredStep::single(launch))
 }
 
-fn describe(name: &str, g: &Geometry, cin: usize, cout: usize) -> String {
+pub(super) fn describe(name: &str, g: &Geometry, cin: usize, cout: usize) -> String {
     format!(
         "{name}: {k}x{k} window, stride {s}, padding {p}, {cin} -> {cout} channels, big side \
          {bh}x{bw}, small side {sh}x{sw}. Implicit GEMM with {TILE_M}x{TILE_N} tiles of C per \

@@ -21,16 +21,22 @@
 //!   `SoftmaxCrossEntropy` and its backward, `SgdUpdate`, `BnRunningUpdate`;
 //! - [`conv`]: `Conv2d`, `Conv2dBackwardData`, `Conv2dBackwardFilter`,
 //!   `ConvTranspose2d` and its two backward ops, all as one implicit-GEMM
-//!   kernel template tiled through shared memory.
+//!   kernel template tiled through shared memory;
+//! - [`fused`]: the fused ops of the fusion pass, `ConcatStats`,
+//!   `BnReluConv`, `BnReluConvBackwardFilter` (the conv template with an A
+//!   loader that normalises and rectifies), `BnReluBackward` and
+//!   `BnReluAffineGrad` (the batch-norm gradients with a recomputed ReLU
+//!   mask). Each reads every input of the concatenation from its own buffer
+//!   and never writes the concatenation.
 //!
 //! Every reduction has a fixed order that does not depend on timing, and no
 //! lowering uses `atomicAdd`, so a kernel gives the same bits on every run.
-//! Leaf ops (`Image`, `Label`, `Param`, `State`, `Velocity`) have no kernel,
-//! and the fused ops of the fusion pass are not lowered yet.
+//! Leaf ops (`Image`, `Label`, `Param`, `State`, `Velocity`) have no kernel.
 
 pub mod conv;
 pub mod dense;
 pub mod elementwise;
+pub mod fused;
 pub mod norm;
 pub mod pool;
 
@@ -273,10 +279,11 @@ pub fn lower_step(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<L
         | Op::ConvTranspose2d { .. }
         | Op::ConvTranspose2dBackwardData { .. }
         | Op::ConvTranspose2dBackwardFilter { .. } => conv::lower(op, inputs, out),
-        // TODO: lower the fused ops of the fusion pass (`ConcatStats`,
-        // `BnReluConv` and its gradients). `BnReluConv` fits the conv GEMM
-        // template with an A loader that normalises and rectifies.
-        _ => Err(unsupported(op, "this op has no CUDA lowering yet")),
+        Op::ConcatStats
+        | Op::BnReluConv { .. }
+        | Op::BnReluConvBackwardFilter { .. }
+        | Op::BnReluBackward { .. }
+        | Op::BnReluAffineGrad { .. } => fused::lower(op, inputs, out),
     }
 }
 
