@@ -1,4 +1,11 @@
 //! `ldnc train` and `ldnc eval`.
+//!
+//! Both open any dataset kind with `data::open` (in memory, or ImageNet as a
+//! file list streamed by the prefetcher) and pick the augmentation and the
+//! evaluation view from the dataset kind through [`Pipeline::for_dataset`].
+//! Classification reports top-1 and top-5 accuracy and error. Segmentation
+//! reports pixel accuracy over non-ignored pixels, per-class IoU and mean IoU,
+//! measured on tiles of the network's input size that cover each test image.
 
 use std::path::{Path, PathBuf};
 
@@ -7,9 +14,12 @@ use clap::{Args, ValueEnum};
 use ldnc_ir::program::CompiledNet;
 use ldnc_ir::spec::{LrSchedule, NetSpec};
 use ldnc_runtime::checkpoint;
-use ldnc_runtime::data::{self, DataSpec};
+use ldnc_runtime::data::{self, DataSpec, Source};
 use ldnc_runtime::kernels::KernelSet;
-use ldnc_runtime::train::{self, Position, RunFiles, Session, TrainConfig};
+use ldnc_runtime::metrics::Confusion;
+use ldnc_runtime::train::{
+    self, Data, EpochMetrics, Evaluation, Pipeline, Position, RunFiles, Session, TrainConfig,
+};
 
 use super::compile::{compile, CompileOptions};
 
@@ -52,7 +62,8 @@ pub struct TrainArgs {
 /// subcommand of a compiled network executable share them.
 #[derive(Debug, Args)]
 pub struct TrainOptions {
-    /// Dataset, e.g. `fashion-mnist` (the bundled subset) or `cifar10:DIR`.
+    /// Dataset, e.g. `fashion-mnist` (the bundled subset), `cifar10:DIR`,
+    /// `svhn:DIR`, `imagenet:DIR` or `camvid:DIR`.
     #[arg(long)]
     pub data: String,
     /// Epochs (default: the network file's `train.epochs`).
@@ -137,9 +148,10 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
             (spec, config, Position::default(), args.out.clone())
         }
     };
-    let data_spec = DataSpec::parse(&args.data).context("invalid --data")?;
-    let dataset =
-        data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
+    let (data_spec, source_data) = open_data(&args.data)?;
+    let data = Data::from(&source_data);
+    let pipeline =
+        Pipeline::for_dataset(data_spec.kind, spec.input, config.crop_padding, config.flip)?;
     let options = CompileOptions {
         plan_memory: !args.no_plan,
         fuse: !args.no_fuse,
@@ -159,46 +171,95 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
         );
     }
     if cuda {
-        let fused = session.net.train.steps.iter().any(|s| {
-            matches!(
-                s.op,
-                ldnc_ir::Op::BnReluConv { .. } | ldnc_ir::Op::ConcatStats
-            )
-        });
-        // TODO: lower the fused ops to CUDA so fused programs can train on a GPU.
-        if fused {
-            bail!(
-                "--device {}: the fused ops have no CUDA kernels yet; add --no-fuse to train \
-                 the unfused program on the GPU",
-                args.device
-            );
-        }
-        session
-            .use_cuda(config.batch)
-            .with_context(|| format!("cannot train on `{}`", args.device))?;
+        start_cuda(&mut session, &args.device, config.batch)?;
     }
+
     if !quiet {
         println!(
             "training {} on {} ({} train / {} test images), {} parameters, output in {}",
             spec.name,
-            dataset.name,
-            dataset.train.len,
-            dataset.test.len,
+            data.name(),
+            data.train_len(),
+            data.test_len(),
             session.store.param_count(),
             out.display()
         );
+        println!("{}", pipeline.describe());
     }
-    let history = train::train(&mut session, &dataset, &config, &files, start)?;
+    if let Data::Memory(dataset) = data {
+        if dataset.class_weights.is_some() {
+            // TODO: pass the dataset's class weights to the expander, which
+            // builds the loss without them, so CamVid trains with
+            // median-frequency balancing.
+            tracing::warn!(
+                dataset = %dataset.name,
+                "the dataset has class weights, but the compiled loss is unweighted; training \
+                 without them"
+            );
+        }
+    }
+
+    let history = train::train_with(&mut session, data, &pipeline, &config, &files, start)?;
     if let Some(last) = history.last() {
         println!(
-            "final test accuracy {:.2}% (error {:.2}%) after {} epochs; checkpoint {}",
-            100.0 * last.test_accuracy,
-            100.0 * last.test_error,
+            "final test {} after {} epochs; checkpoint {}",
+            final_figures(last),
             last.epoch,
             files.checkpoint().display()
         );
     }
     Ok(())
+}
+
+/// Moves training to the GPU, rejecting programs with fused ops, which have
+/// no CUDA kernels yet.
+fn start_cuda(session: &mut Session, device: &str, batch: usize) -> Result<()> {
+    let fused = session.net.train.steps.iter().any(|s| {
+        matches!(
+            s.op,
+            ldnc_ir::Op::BnReluConv { .. } | ldnc_ir::Op::ConcatStats
+        )
+    });
+    // TODO: lower the fused ops to CUDA so fused programs can train on a GPU.
+    if fused {
+        bail!(
+            "--device {device}: the fused ops have no CUDA kernels yet; add --no-fuse to train \
+             the unfused program on the GPU"
+        );
+    }
+    session
+        .use_cuda(batch)
+        .with_context(|| format!("cannot train on `{device}`"))
+}
+
+/// Formats the last epoch's test figures: pixel accuracy and mean IoU for
+/// segmentation, top-1 and top-5 figures for classification.
+fn final_figures(last: &EpochMetrics) -> String {
+    match (last.test_mean_iou, last.test_top5_error) {
+        (Some(iou), _) => format!(
+            "pixel accuracy {:.2}%, mean IoU {:.2}%",
+            100.0 * last.test_accuracy,
+            100.0 * iou
+        ),
+        (None, Some(top5)) => format!(
+            "accuracy {:.2}% (error {:.2}%, top-5 error {:.2}%)",
+            100.0 * last.test_accuracy,
+            100.0 * last.test_error,
+            100.0 * top5
+        ),
+        (None, None) => format!(
+            "accuracy {:.2}% (error {:.2}%)",
+            100.0 * last.test_accuracy,
+            100.0 * last.test_error
+        ),
+    }
+}
+
+/// Parses `--data` and opens the dataset it names, naming the value on failure.
+fn open_data(text: &str) -> Result<(DataSpec, Source)> {
+    let spec = DataSpec::parse(text).context("invalid --data")?;
+    let source = data::open(&spec).with_context(|| format!("cannot load dataset `{text}`"))?;
+    Ok((spec, source))
 }
 
 /// Whether `--device` asks for CUDA; rejects anything but `cpu`, `cuda`, `cuda:0`.
@@ -306,9 +367,8 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
     let (tensors, meta) = checkpoint::load(&path)?;
     let spec: NetSpec = serde_json::from_str(&meta.spec_json)
         .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
-    let data_spec = DataSpec::parse(&args.data).context("invalid --data")?;
-    let dataset =
-        data::load(&data_spec).with_context(|| format!("cannot load dataset `{}`", args.data))?;
+    let (data_spec, source_data) = open_data(&args.data)?;
+    let data = Data::from(&source_data);
     let compiled = match embedded {
         Some((_, compiled)) if compiled.spec == spec => compiled.clone(),
         Some((exe, compiled)) => bail!(
@@ -323,31 +383,122 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
     };
     let mut session = Session::new(compiled, args.batch, args.kernels.into(), 0)?;
     checkpoint::restore(&path, &mut session.store, tensors)?;
-    let (loss, confusion) = session.evaluate(&dataset.test, &dataset, args.batch)?;
-    let result = serde_json::json!({
+    // The crop padding and flip only shape training batches, never evaluation.
+    let pipeline = Pipeline::for_dataset(data_spec.kind, spec.input, 0, false)?;
+    session.check_data(data, &pipeline)?;
+    let evaluation = session.evaluate(data, &pipeline.eval, args.batch)?;
+    let segmentation = data.is_segmentation();
+    let mut result = serde_json::json!({
         "checkpoint": path.display().to_string(),
         "network": spec.name,
-        "dataset": dataset.name,
+        "dataset": data.name(),
+        "evaluated_on": pipeline.eval.describe(),
+        "loss": evaluation.loss,
+    });
+    let fields = if segmentation {
+        segmentation_json(&evaluation.confusion, data.class_names())
+    } else {
+        classification_json(&evaluation)
+    };
+    result
+        .as_object_mut()
+        .expect("the result is a JSON object")
+        .extend(fields);
+    if evaluation.skipped > 0 {
+        result["skipped_images"] = evaluation.skipped.into();
+    }
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    print_evaluation(&spec.name, data, &pipeline, &evaluation);
+    Ok(())
+}
+
+/// Collects the JSON fields of a classification evaluation.
+fn classification_json(evaluation: &Evaluation) -> serde_json::Map<String, serde_json::Value> {
+    let confusion = &evaluation.confusion;
+    let fields = serde_json::json!({
         "images": confusion.total(),
-        "loss": loss,
         "top1_accuracy": confusion.accuracy(),
         "top1_error": 1.0 - confusion.accuracy(),
         "top5_accuracy": confusion.top5_accuracy(),
+        "top5_error": 1.0 - confusion.top5_accuracy(),
     });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
-    } else {
+    match fields {
+        serde_json::Value::Object(map) => map,
+        _ => unreachable!("json! of an object literal is an object"),
+    }
+}
+
+/// Collects the JSON fields of a segmentation evaluation. `iou` maps each
+/// class name to its IoU, or to null for a class neither labelled nor predicted.
+fn segmentation_json(
+    confusion: &Confusion,
+    class_names: &[String],
+) -> serde_json::Map<String, serde_json::Value> {
+    let iou: serde_json::Map<String, serde_json::Value> = class_names
+        .iter()
+        .zip(confusion.class_iou())
+        .map(|(name, iou)| (name.clone(), iou.into()))
+        .collect();
+    let fields = serde_json::json!({
+        "pixels": confusion.total(),
+        "pixel_accuracy": confusion.accuracy(),
+        "mean_iou": confusion.mean_iou(),
+        "iou": iou,
+    });
+    match fields {
+        serde_json::Value::Object(map) => map,
+        _ => unreachable!("json! of an object literal is an object"),
+    }
+}
+
+/// Prints an evaluation for a reader: one summary line, and for segmentation
+/// the IoU of every class.
+fn print_evaluation(network: &str, data: Data, pipeline: &Pipeline, evaluation: &Evaluation) {
+    let confusion = &evaluation.confusion;
+    println!(
+        "{network} on {} test split ({}), loss {:.4}",
+        data.name(),
+        pipeline.eval.describe(),
+        evaluation.loss
+    );
+    if evaluation.skipped > 0 {
+        println!("undecodable images skipped: {}", evaluation.skipped);
+    }
+    if !data.is_segmentation() {
         println!(
-            "{} on {} test split: {} images, loss {:.4}, top-1 accuracy {:.2}% (error {:.2}%), \
-             top-5 accuracy {:.2}%",
-            spec.name,
-            dataset.name,
+            "{} images: top-1 accuracy {:.2}% (error {:.2}%), top-5 accuracy {:.2}% (error \
+             {:.2}%)",
             confusion.total(),
-            loss,
             100.0 * confusion.accuracy(),
             100.0 * (1.0 - confusion.accuracy()),
-            100.0 * confusion.top5_accuracy()
+            100.0 * confusion.top5_accuracy(),
+            100.0 * (1.0 - confusion.top5_accuracy())
         );
+        return;
     }
-    Ok(())
+
+    let width = data
+        .class_names()
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max("class".len());
+    println!("{:<width$}  IoU", "class");
+    for (name, iou) in data.class_names().iter().zip(confusion.class_iou()) {
+        match iou {
+            Some(iou) => println!("{name:<width$}  {:6.2}%", 100.0 * iou),
+            None => println!("{name:<width$}       - (no pixels labelled or predicted)"),
+        }
+    }
+    println!(
+        "{} pixels: pixel accuracy {:.2}%, mean IoU {:.2}%",
+        confusion.total(),
+        100.0 * confusion.accuracy(),
+        100.0 * confusion.mean_iou()
+    );
 }
