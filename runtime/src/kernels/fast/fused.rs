@@ -289,6 +289,11 @@ pub fn bn_relu_conv(shape: &ConvShape, input: &BnRelu, w: &[f32], y: &mut [f32])
 
 /// `dw = im2col(z)^T * dy`, a `[k*k*C, cout]` matrix, as the sum over chunks
 /// of each chunk's filter gradient, added in chunk order.
+///
+/// NOTE: this recomputes `z`, which the unfused `conv2d_backward_filter` reads
+/// from the forward pass, so on its own it is slower than that op: by about
+/// 20% in `ldnc bench --profile` of the quickstart and DenseNet-BC-100
+/// examples on 2 threads. The fused batch-norm gradients save more than that.
 pub fn bn_relu_conv_backward_filter(shape: &ConvShape, input: &BnRelu, dy: &[f32], dw: &mut [f32]) {
     let cout = shape.cout;
     let mut partial = vec![0f32; dw.len()];
