@@ -117,7 +117,6 @@ pub fn run_build(args: &BuildArgs, quiet: bool) -> Result<()> {
         match cuda_modules_of(&compiled, target.wants_cuda()) {
             Ok(modules) => cuda_modules = modules,
             Err(e) if target.wants_cuda() => {
-                // TODO: lower the fused ops to CUDA so fused programs can carry kernels.
                 eprintln!(
                     "note: {} contains CPU programs only, because CUDA lowering failed: {e:#}",
                     output.display()

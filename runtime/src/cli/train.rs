@@ -211,22 +211,8 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
     Ok(())
 }
 
-/// Moves training to the GPU, rejecting programs with fused ops, which have
-/// no CUDA kernels yet.
+/// Moves training steps to the GPU.
 fn start_cuda(session: &mut Session, device: &str, batch: usize) -> Result<()> {
-    let fused = session.net.train.steps.iter().any(|s| {
-        matches!(
-            s.op,
-            ldnc_ir::Op::BnReluConv { .. } | ldnc_ir::Op::ConcatStats
-        )
-    });
-    // TODO: lower the fused ops to CUDA so fused programs can train on a GPU.
-    if fused {
-        bail!(
-            "--device {device}: the fused ops have no CUDA kernels yet; add --no-fuse to train \
-             the unfused program on the GPU"
-        );
-    }
     session
         .use_cuda(batch)
         .with_context(|| format!("cannot train on `{device}`"))
