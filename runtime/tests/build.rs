@@ -490,6 +490,29 @@ fn cuda_target_embeds_kernel_sources() {
         assert!(source.contains("__global__"), "{program}.cu has no kernels");
     }
 
+    // Without `--device`, an executable with CUDA kernels uses a GPU when it finds
+    // one and otherwise says once that it trains on the CPU.
+    let run_dir = dir.path().join("run");
+    let data = bundled_data();
+    let trained = run_ok(
+        &exe,
+        &[
+            "train",
+            "--data",
+            &data,
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "-q",
+            "--out",
+            run_dir.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let notes = stderr(&trained);
+    assert!(notes.matches("training on the CPU").count() <= 1, "{notes}");
+
     // A CPU-only build records that it has no CUDA kernels.
     let plain = build_quickstart(dir.path(), "qs-cpu", &[]);
     let version = stdout(&run_ok(&plain, &["--version"], dir.path()));

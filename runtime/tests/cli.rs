@@ -247,7 +247,7 @@ fn cuda_device_fails_clearly_without_a_gpu() {
     let out = ldnc(&[&base[..], &["--device", "tpu"]].concat(), dir.path());
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("use cpu, cuda or cuda:0"),
+        stderr(&out).contains("use cpu, cuda, cuda:0 or auto"),
         "{}",
         stderr(&out)
     );

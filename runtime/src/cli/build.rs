@@ -634,6 +634,7 @@ pub fn run_compiled(cli: CompiledCli, exe: &Path, payload: &Payload) -> Result<(
                 spec: net.spec.clone(),
                 origin: exe,
                 compiled: Some(net),
+                carries_cuda: payload.cuda_kernels,
             };
             train::train_network(&source, &options, cli.quiet)
         }

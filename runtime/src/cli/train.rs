@@ -90,10 +90,12 @@ pub struct TrainOptions {
     /// CPU kernel set.
     #[arg(long, value_enum, default_value = "fast")]
     pub kernels: Kernels,
-    /// Where training steps run: `cpu`, or `cuda` / `cuda:0` for the first GPU
-    /// (evaluation runs on the CPU).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Device for training steps: `cpu`, `cuda` / `cuda:0` for the first GPU, or
+    /// `auto` for the GPU when one is found and the CPU otherwise (evaluation runs
+    /// on the CPU). The default is `cpu` for `ldnc` and `auto` for an executable
+    /// built with CUDA kernels.
+    #[arg(long)]
+    pub device: Option<String>,
     /// Give every value its own buffer instead of sharing buffers by liveness.
     #[arg(long)]
     pub no_plan: bool,
@@ -112,6 +114,9 @@ pub struct NetSource<'a> {
     /// The network file, or the compiled executable; named in messages.
     pub origin: &'a Path,
     pub compiled: Option<&'a CompiledNet>,
+    /// Whether the source is an executable built with CUDA kernels, which makes
+    /// `auto` the default device.
+    pub carries_cuda: bool,
 }
 
 impl NetSource<'_> {
@@ -133,13 +138,21 @@ pub fn run_train(args: &TrainArgs, quiet: bool) -> Result<()> {
         spec: super::load_spec(&args.net, &args.set)?,
         origin: &args.net,
         compiled: None,
+        carries_cuda: false,
     };
     train_network(&source, &args.options, quiet)
 }
 
 /// Trains the network of `source` as `options` ask, from scratch or resuming.
 pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Result<()> {
-    let cuda = parse_device(&args.device)?;
+    let device = args.device.clone().unwrap_or_else(|| {
+        if source.carries_cuda {
+            "auto".to_string()
+        } else {
+            "cpu".to_string()
+        }
+    });
+    let cuda = parse_device(&device)?;
     let (spec, config, start, out) = match &args.resume {
         Some(dir) => resume_settings(source, args, dir)?,
         None => {
@@ -170,8 +183,14 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
             out.display()
         );
     }
-    if cuda {
-        start_cuda(&mut session, &args.device, config.batch)?;
+    match cuda {
+        Some(true) => start_cuda(&mut session, &device, config.batch)?,
+        Some(false) => {}
+        None => {
+            if let Err(e) = start_cuda(&mut session, "cuda", config.batch) {
+                eprintln!("note: training on the CPU: {e:#}");
+            }
+        }
     }
 
     if !quiet {
@@ -248,16 +267,18 @@ fn open_data(text: &str) -> Result<(DataSpec, Source)> {
     Ok((spec, source))
 }
 
-/// Whether `--device` asks for CUDA; rejects anything but `cpu`, `cuda`, `cuda:0`.
-fn parse_device(device: &str) -> Result<bool> {
+/// Reads `--device`: `Some(true)` for CUDA, `Some(false)` for the CPU, `None` for
+/// `auto`; rejects anything else.
+fn parse_device(device: &str) -> Result<Option<bool>> {
     match device {
-        "cpu" => Ok(false),
-        "cuda" | "cuda:0" => Ok(true),
+        "cpu" => Ok(Some(false)),
+        "cuda" | "cuda:0" => Ok(Some(true)),
+        "auto" => Ok(None),
         other if other.starts_with("cuda:") => bail!(
             "--device {other}: only the first GPU (cuda:0) is supported; \
              choose it with CUDA_VISIBLE_DEVICES"
         ),
-        other => bail!("--device {other} is not a device; use cpu, cuda or cuda:0"),
+        other => bail!("--device {other} is not a device; use cpu, cuda, cuda:0 or auto"),
     }
 }
 
