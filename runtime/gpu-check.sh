@@ -14,7 +14,10 @@
 #      LDNC_REQUIRE_NVRTC=1 and LDNC_REQUIRE_GPU=1 so that a missing library
 #      or GPU fails instead of skipping;
 #   5. prints a short benchmark of the conv2d kernel at three DenseNet-like
-#      shapes (milliseconds per step including host copies).
+#      shapes (milliseconds per step including host copies);
+#   6. trains the quick start for one epoch on the GPU;
+#   7. prints images/s of a training step for the CIFAR examples at batch 64
+#      on the GPU (`ldnc bench --device cuda`), with the planned buffer bytes.
 #
 # Usage: runtime/gpu-check.sh   (from any folder; exits non-zero on failure)
 set -euo pipefail
@@ -42,5 +45,19 @@ LDNC_REQUIRE_NVRTC=1 LDNC_REQUIRE_GPU=1 \
 
 echo "== benchmark"
 timeout 60 cargo test --release -p ldnc-runtime --test nvrtc -- --ignored --nocapture gpu_conv2d_benchmark
+
+echo "== quick start, one epoch on the GPU"
+timeout 120 cargo build --release -p ldnc-runtime --bin ldnc
+run_dir="$(mktemp -d)"
+timeout 150 target/release/ldnc train examples/quickstart.ron --data fashion-mnist \
+    --device cuda --epochs 1 --out "$run_dir"
+
+echo "== training-step benchmark on the GPU, batch 64"
+for net in examples/*-cifar.ron examples/densenet-bc-100.ron; do
+    timeout 30 target/release/ldnc bench "$net" --device cuda --batch 64 --steps 3 \
+        || echo "benchmark of $net failed or timed out"
+done
+# TODO: run PyTorch's DenseNet on the same GPU, network and batch when torch is
+# installed, for the side-by-side figures.
 
 echo "== GPU checks passed"

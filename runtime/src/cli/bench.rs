@@ -40,14 +40,18 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Also print the time spent per op.
+    /// Also print the time spent per op (CPU only).
     #[arg(long)]
     pub profile: bool,
+    /// Device for the training steps: `cpu` or `cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Serialize)]
 struct BenchResult {
     network: String,
+    device: String,
     fused: bool,
     batch: usize,
     steps: usize,
@@ -67,6 +71,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let compiled = compile(&spec, options)?;
     let mut session = Session::new(compiled, args.batch, args.kernels.into(), 0)?;
+    match args.device.as_str() {
+        "cpu" => {}
+        "cuda" | "cuda:0" => session
+            .use_cuda(args.batch)
+            .with_context(|| format!("cannot benchmark on `{}`", args.device))?,
+        other => anyhow::bail!("--device {other} is not a device; use cpu or cuda"),
+    }
 
     let input = spec.input;
     let n = args.batch;
@@ -104,6 +115,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .sum();
     let result = BenchResult {
         network: spec.name.clone(),
+        device: args.device.clone(),
         fused: options.fuse,
         batch: n,
         steps: args.steps,
@@ -126,9 +138,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!(
-        "{} ({}), batch {}, {} threads",
+        "{} ({}, {}), batch {}, {} threads",
         result.network,
         if result.fused { "fused" } else { "unfused" },
+        result.device,
         result.batch,
         result.threads
     );
