@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::graph::TensorType;
 
-/// How a parameter or state tensor is initialised.
+/// Initialiser of a parameter or state tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Init {
     /// Normal with standard deviation `sqrt(2 / fan)` (He et al., 2015).
@@ -30,7 +30,7 @@ pub enum Init {
     Zeros,
 }
 
-/// What a node is for; the executor allocates persistent storage for every role
+/// Purpose of a node. The executor allocates persistent storage for every role
 /// but `Compute`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -368,7 +368,7 @@ impl Op {
         }
     }
 
-    /// Infers the output type from the operand types, or says why they do not fit.
+    /// Infers the output type from the operand types, or returns why they do not fit.
     pub fn infer(&self, t: &[&TensorType]) -> Result<TensorType, String> {
         match self {
             Op::Image | Op::Label | Op::Param { .. } | Op::State { .. } | Op::Velocity => {

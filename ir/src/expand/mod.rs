@@ -18,7 +18,7 @@ use crate::op::{Init, Op};
 use crate::spec::{NetSpec, Task};
 use crate::Result;
 
-/// Which form of the network to build.
+/// Form of the network to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Mode {
     Train,
@@ -179,7 +179,7 @@ impl<'a> Builder<'a> {
         self.relu(y, name)
     }
 
-    /// A bias-free convolution with He-normal initialisation (fan-in).
+    /// Adds a bias-free convolution with He-normal initialisation (fan-in).
     pub fn conv(
         &mut self,
         x: ValueId,
@@ -220,7 +220,7 @@ impl<'a> Builder<'a> {
         self.op(Op::Mul, &[x, mask], &format!("{name}.dropout"))
     }
 
-    /// The body of a feature layer: concat, then BN-ReLU-1x1 conv(width * g)-BN-ReLU
+    /// Adds the body of a feature layer: concat, then BN-ReLU-1x1 conv(width * g)-BN-ReLU
     /// -3x3 conv(channels) with a bottleneck, or BN-ReLU-3x3 conv without one.
     pub fn dense_layer(
         &mut self,
@@ -243,7 +243,7 @@ impl<'a> Builder<'a> {
         self.dropout(y, &format!("{name}.{last_bn}"))
     }
 
-    /// A linear classifier over features `[N, C]`: weight uniform in
+    /// Adds a linear classifier over features `[N, C]`: weight uniform in
     /// `±1/sqrt(C)`, bias zero.
     pub fn linear(&mut self, x: ValueId, classes: usize, name: &str) -> Result<ValueId> {
         let c = self.channels(x);
