@@ -180,7 +180,7 @@ fn svhn_file(count: usize) -> Vec<u8> {
 }
 
 #[test]
-fn svhn_mat_trains_without_flips() {
+fn svhn_mat_trains_with_blur_no_flips() {
     let work = tempfile::tempdir().expect("temp dir");
     let dir = work.path().join("svhn");
     write(&dir.join("train_32x32.mat"), &svhn_file(4));
@@ -196,8 +196,11 @@ fn svhn_mat_trains_without_flips() {
         &data,
     );
     assert!(
-        run.train.contains("training: 2-pixel pad and random crop;"),
-        "SVHN digits must not be mirrored: {}",
+        run.train.contains(
+            "training: 2-pixel pad and random crop, Gaussian blur up to sigma 1 on half the \
+             images;"
+        ),
+        "SVHN digits are blurred and never mirrored: {}",
         run.train
     );
     assert_eq!(run.json["images"], 2);

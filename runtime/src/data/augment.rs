@@ -468,6 +468,36 @@ mod tests {
     }
 
     #[test]
+    fn svhn_blur_is_seeded_and_applied() {
+        let shape = Shape {
+            height: 8,
+            width: 8,
+            channels: 3,
+        };
+        let image: Vec<u8> = (0..8 * 8 * 3).map(|i| (i * 37 % 256) as u8).collect();
+        let blurred = Augment::svhn(2, Some(1.0));
+        let sharp = Augment::svhn(2, None);
+        let draw = |augment: &Augment, index| {
+            apply(augment, &image, None, shape, &mut sample_rng(7, 0, index)).pixels
+        };
+
+        // Both policies draw the same crop offsets first, so a sample differs
+        // from its sharp twin only where the blur was applied.
+        let mut changed = 0;
+        for index in 0..64 {
+            let first = draw(&blurred, index);
+            assert_eq!(first, draw(&blurred, index), "sample {index} is seeded");
+            if first != draw(&sharp, index) {
+                changed += 1;
+            }
+        }
+        assert!(
+            (16..=48).contains(&changed),
+            "{changed} of 64 samples blurred"
+        );
+    }
+
+    #[test]
     fn random_resized_region_fits() {
         let mut rng = sample_rng(1, 2, 3);
         for _ in 0..200 {

@@ -32,6 +32,13 @@ pub enum EvalView {
 /// of the crop, so a 224 crop keeps the usual resize-256, crop-224 evaluation.
 const RESIZE_PER_224: usize = 256;
 
+/// The largest sigma, in pixels, of the Gaussian blur that SVHN training
+/// applies to half the images.
+///
+/// NOTE: Hu et al., "Log-DenseNet" (ICLR 2018), apply Gaussian blurs to SVHN
+/// without giving a sigma, so this value is a choice that no run has tuned.
+pub const SVHN_BLUR_SIGMA: f32 = 1.0;
+
 impl Pipeline {
     /// CIFAR-style pad-and-crop with optional mirroring; test images are
     /// scored as stored.
@@ -47,8 +54,10 @@ impl Pipeline {
     /// section and apply to the datasets stored at the network's size.
     ///
     /// - CIFAR and Fashion-MNIST: pad-crop and flip.
-    /// - SVHN: pad-crop without flip (digits are not mirror-symmetric) and
-    ///   without blur. A `crop_padding` of 0 trains on the images as they are.
+    /// - SVHN: pad-crop without flip (digits are not mirror-symmetric), and
+    ///   a Gaussian blur of sigma up to [`SVHN_BLUR_SIGMA`] on half the
+    ///   images, as Hu et al. (2018) train it. A `crop_padding` of 0 keeps
+    ///   only the blur.
     /// - ImageNet: random-resized crops of the input side with a mirror for
     ///   training. Evaluation resizes the shorter side to 256/224 of the input
     ///   side and takes a centre crop.
@@ -66,7 +75,7 @@ impl Pipeline {
             | DatasetKind::Cifar100
             | DatasetKind::Cifar100Coarse => Pipeline::cifar(crop_padding, flip),
             DatasetKind::Svhn | DatasetKind::SvhnExtra => Pipeline {
-                train: Augment::svhn(crop_padding, None),
+                train: Augment::svhn(crop_padding, Some(SVHN_BLUR_SIGMA)),
                 eval: EvalView::Whole(Augment::None),
             },
             DatasetKind::ImageNet => {
@@ -116,25 +125,28 @@ impl EvalView {
 
 fn describe_augment(augment: &Augment) -> String {
     match *augment {
-        Augment::None
-        | Augment::PadCrop {
-            pad: 0,
-            flip: false,
-            blur_sigma: None,
-        } => "no augmentation".into(),
+        Augment::None => "no augmentation".into(),
         Augment::PadCrop {
             pad,
             flip,
             blur_sigma,
         } => {
-            let mut text = format!("{pad}-pixel pad and random crop");
+            let mut parts = Vec::new();
+            if pad > 0 {
+                parts.push(format!("{pad}-pixel pad and random crop"));
+            }
             if flip {
-                text.push_str(", flips");
+                parts.push("flips".to_string());
             }
             if let Some(sigma) = blur_sigma {
-                text.push_str(&format!(", Gaussian blur up to sigma {sigma}"));
+                parts.push(format!(
+                    "Gaussian blur up to sigma {sigma} on half the images"
+                ));
             }
-            text
+            if parts.is_empty() {
+                return "no augmentation".into();
+            }
+            parts.join(", ")
         }
         Augment::RandomResizedCrop { size } => {
             format!("random-resized {size}x{size} crops with flips")
@@ -162,4 +174,53 @@ fn square_side(kind: DatasetKind, input: InputSpec) -> Result<usize, TrainError>
             kind.name()
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INPUT_32: InputSpec = InputSpec {
+        height: 32,
+        width: 32,
+        channels: 3,
+    };
+
+    #[test]
+    fn svhn_pipeline_blurs_without_flips() {
+        for kind in [DatasetKind::Svhn, DatasetKind::SvhnExtra] {
+            let pipeline = Pipeline::for_dataset(kind, INPUT_32, 2, true).expect("square input");
+            let expected = Augment::PadCrop {
+                pad: 2,
+                flip: false,
+                blur_sigma: Some(SVHN_BLUR_SIGMA),
+            };
+            assert_eq!(pipeline.train, expected, "{kind:?}");
+            assert_eq!(pipeline.eval, EvalView::Whole(Augment::None), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn cifar_pipeline_has_no_blur() {
+        let pipeline =
+            Pipeline::for_dataset(DatasetKind::Cifar10, INPUT_32, 4, true).expect("square input");
+        assert_eq!(pipeline.train, Augment::cifar(4, true));
+    }
+
+    #[test]
+    fn describe_names_each_pad_crop_part() {
+        assert_eq!(
+            describe_augment(&Augment::cifar(4, true)),
+            "4-pixel pad and random crop, flips"
+        );
+        assert_eq!(
+            describe_augment(&Augment::svhn(2, Some(1.0))),
+            "2-pixel pad and random crop, Gaussian blur up to sigma 1 on half the images"
+        );
+        assert_eq!(
+            describe_augment(&Augment::svhn(0, Some(0.5))),
+            "Gaussian blur up to sigma 0.5 on half the images"
+        );
+        assert_eq!(describe_augment(&Augment::svhn(0, None)), "no augmentation");
+    }
 }
