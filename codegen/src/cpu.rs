@@ -7,15 +7,8 @@ use std::collections::HashMap;
 
 use ldnc_ir::graph::{Graph, ValueId};
 use ldnc_ir::op::{Op, Role};
+pub use ldnc_ir::program::Roots;
 use ldnc_ir::program::{Program, Schedule, Step, Storage, Value, FORMAT_VERSION};
-
-/// Entry points of a lowered graph.
-pub struct Roots {
-    pub image: ValueId,
-    pub label: ValueId,
-    pub loss: ValueId,
-    pub logits: Vec<ValueId>,
-}
 
 /// Lowers `graph` in the order and storage of `schedule`.
 pub fn lower(graph: &Graph, schedule: &Schedule, roots: &Roots) -> Program {

@@ -160,3 +160,13 @@ pub struct Schedule {
     pub storage: Vec<Storage>,
     pub buffers: Vec<Buffer>,
 }
+
+/// Entry points of a graph that lowering exposes in the program: the fed image
+/// and label, the loss and the logits of every head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roots {
+    pub image: crate::graph::ValueId,
+    pub label: crate::graph::ValueId,
+    pub loss: crate::graph::ValueId,
+    pub logits: Vec<crate::graph::ValueId>,
+}

@@ -3,11 +3,12 @@
 //! `autodiff` builds the training graph (forward, backward and optimizer updates)
 //! from a network expanded in training mode; `fuse` rewrites it with egg so the
 //! bottleneck, transition and concatenation ops fuse; `memory` assigns values to shared
-//! buffers by liveness.
+//! buffers by liveness; `pipeline` runs them in order for a network spec.
 
 pub mod autodiff;
 pub mod fuse;
 pub mod memory;
+pub mod pipeline;
 
 /// Errors of the compiler passes.
 #[derive(Debug, thiserror::Error)]

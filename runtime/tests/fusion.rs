@@ -6,31 +6,32 @@
 
 use std::path::PathBuf;
 
-use ldnc_codegen::cpu::{lower, Roots};
+use ldnc_codegen::cpu::lower;
 use ldnc_ir::program::Program;
 use ldnc_ir::spec::NetSpec;
-use ldnc_ir::{expand, Mode, Op};
-use ldnc_passes::{autodiff, fuse, memory};
+use ldnc_ir::Op;
+use ldnc_passes::memory;
+use ldnc_passes::pipeline::{self, Planned};
 use ldnc_runtime::exec::{Executor, StepParams};
 use ldnc_runtime::kernels::KernelSet;
 use ldnc_runtime::store::Store;
 use proptest::prelude::*;
 
-fn training_program(spec: &NetSpec, fused: bool) -> Program {
-    let mut net = expand(spec, Mode::Train).unwrap();
-    if fused {
-        net = fuse::fuse(&net, &Default::default()).unwrap().0;
-    }
-    let tg = autodiff::differentiate(&net, &spec.train).unwrap();
-    let schedule = memory::plan(&tg.graph);
-    memory::verify(&tg.graph, &schedule).unwrap();
-    let roots = Roots {
-        image: tg.image,
-        label: tg.label,
-        loss: tg.loss,
-        logits: tg.logits.clone(),
+/// The training graph of `spec` as the CLI compiles it, after the planner
+/// checker.
+fn planned_training(spec: &NetSpec, fused: bool) -> Planned {
+    let options = pipeline::Options {
+        fuse: fused,
+        ..Default::default()
     };
-    lower(&tg.graph, &schedule, &roots)
+    let planned = pipeline::training(spec, &options).unwrap().planned;
+    memory::verify(&planned.graph, &planned.schedule).unwrap();
+    planned
+}
+
+fn training_program(spec: &NetSpec, fused: bool) -> Program {
+    let planned = planned_training(spec, fused);
+    lower(&planned.graph, &planned.schedule, &planned.roots)
 }
 
 const TEMPLATES: [&str; 8] = [
@@ -157,14 +158,13 @@ fn every_example_plan_passes_the_checker() {
             continue;
         }
         let spec = NetSpec::load(&path, &[]).unwrap();
-        for fused in [false, true] {
-            let mut net = expand(&spec, Mode::Train).unwrap();
-            if fused {
-                net = fuse::fuse(&net, &Default::default()).unwrap().0;
-            }
-            let tg = autodiff::differentiate(&net, &spec.train).unwrap();
-            let schedule = memory::plan(&tg.graph);
-            memory::verify(&tg.graph, &schedule)
+        for fuse in [false, true] {
+            let options = pipeline::Options {
+                fuse,
+                ..Default::default()
+            };
+            let planned = pipeline::training(&spec, &options).unwrap().planned;
+            memory::verify(&planned.graph, &planned.schedule)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
         checked += 1;

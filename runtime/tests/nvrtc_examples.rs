@@ -8,36 +8,18 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
 
-use ldnc_codegen::cpu::{lower, Roots};
+use ldnc_codegen::cpu::lower;
 use ldnc_codegen::cuda::{kernel::Kernel, lower::lower_program, nvrtc, print};
 use ldnc_ir::program::Program;
 use ldnc_ir::spec::NetSpec;
-use ldnc_ir::{expand, Mode, Network};
-use ldnc_passes::{autodiff, fuse, memory};
-
-fn lower_graph(net: &Network, graph: &ldnc_ir::Graph, logits: Vec<ldnc_ir::ValueId>) -> Program {
-    let roots = Roots {
-        image: net.image,
-        label: net.label,
-        loss: net.loss,
-        logits,
-    };
-    lower(graph, &memory::plan(graph), &roots)
-}
+use ldnc_passes::pipeline;
 
 /// The fused training and evaluation programs of `spec`.
 fn programs(spec: &NetSpec) -> [Program; 2] {
-    let net = fuse::fuse(&expand(spec, Mode::Train).unwrap(), &Default::default())
-        .unwrap()
-        .0;
-    let tg = autodiff::differentiate(&net, &spec.train).unwrap();
-    let train = lower_graph(&net, &tg.graph, tg.logits.clone());
-    let eval_net = fuse::fuse(&expand(spec, Mode::Eval).unwrap(), &Default::default())
-        .unwrap()
-        .0;
-    let logits = eval_net.heads.iter().map(|h| h.logits).collect();
-    let eval = lower_graph(&eval_net, &eval_net.graph, logits);
-    [train, eval]
+    let options = pipeline::Options::default();
+    let train = pipeline::training(spec, &options).unwrap().planned;
+    let eval = pipeline::evaluation(spec, &options).unwrap();
+    [train, eval].map(|p| lower(&p.graph, &p.schedule, &p.roots))
 }
 
 #[test]

@@ -4,37 +4,22 @@
 
 use std::path::PathBuf;
 
-use ldnc_codegen::cpu::{lower, Roots};
-use ldnc_ir::program::{CompiledNet, Program, FORMAT_VERSION};
+use ldnc_codegen::cpu::lower;
+use ldnc_ir::program::{CompiledNet, FORMAT_VERSION};
 use ldnc_ir::spec::{LrSchedule, NetSpec};
-use ldnc_ir::{expand, Mode, Network};
-use ldnc_passes::{autodiff, fuse, memory};
+use ldnc_passes::pipeline;
 use ldnc_runtime::checkpoint;
 use ldnc_runtime::data::{self, DataSpec, Dataset, Split};
 use ldnc_runtime::kernels::KernelSet;
 use ldnc_runtime::train::{self, Position, RunFiles, Session, TrainConfig};
 
-fn lower_net(net: &Network, graph: &ldnc_ir::Graph, logits: Vec<ldnc_ir::ValueId>) -> Program {
-    let schedule = memory::plan(graph);
-    let roots = Roots {
-        image: net.image,
-        label: net.label,
-        loss: net.loss,
-        logits,
-    };
-    lower(graph, &schedule, &roots)
-}
-
-/// The CLI's pipeline with fusion: expand, fuse, differentiate, plan, lower.
+/// The CLI's pipeline with fusion: expand, differentiate, fuse, plan, lower.
 fn compile(spec: &NetSpec) -> CompiledNet {
-    let net = expand(spec, Mode::Train).unwrap();
-    let (net, _) = fuse::fuse(&net, &Default::default()).unwrap();
-    let tg = autodiff::differentiate(&net, &spec.train).unwrap();
-    let train = lower_net(&net, &tg.graph, tg.logits.clone());
-    let eval_net = expand(spec, Mode::Eval).unwrap();
-    let (eval_net, _) = fuse::fuse(&eval_net, &Default::default()).unwrap();
-    let logits = eval_net.heads.iter().map(|h| h.logits).collect();
-    let eval = lower_net(&eval_net, &eval_net.graph, logits);
+    let options = pipeline::Options::default();
+    let planned = pipeline::training(spec, &options).unwrap().planned;
+    let train = lower(&planned.graph, &planned.schedule, &planned.roots);
+    let planned = pipeline::evaluation(spec, &options).unwrap();
+    let eval = lower(&planned.graph, &planned.schedule, &planned.roots);
     CompiledNet {
         format_version: FORMAT_VERSION,
         spec: spec.clone(),

@@ -1,43 +1,25 @@
 //! Whole-network tests of the training pipeline: autodiff gradients against
 //! finite differences, overfitting real images, and exact kill-and-resume.
 
-use ldnc_codegen::cpu::{lower, Roots};
+use ldnc_codegen::cpu::lower;
 use ldnc_ir::program::{CompiledNet, Program, FORMAT_VERSION};
 use ldnc_ir::spec::NetSpec;
-use ldnc_ir::{expand, Mode};
-use ldnc_passes::{autodiff, memory};
+use ldnc_passes::{memory, pipeline};
 use ldnc_runtime::exec::{Executor, StepParams};
 use ldnc_runtime::kernels::KernelSet;
 use ldnc_runtime::store::Store;
 
-/// The CLI's pipeline: expand, differentiate, plan, lower.
+/// The CLI's pipeline without fusion: expand, differentiate, plan, lower.
 fn compile(spec: &NetSpec) -> CompiledNet {
-    let net = expand(spec, Mode::Train).unwrap();
-    let tg = autodiff::differentiate(&net, &spec.train).unwrap();
-    let schedule = memory::plan(&tg.graph);
-    memory::verify(&tg.graph, &schedule).unwrap();
-    let train = lower(
-        &tg.graph,
-        &schedule,
-        &Roots {
-            image: tg.image,
-            label: tg.label,
-            loss: tg.loss,
-            logits: tg.logits.clone(),
-        },
-    );
-    let eval_net = expand(spec, Mode::Eval).unwrap();
-    let eval_schedule = memory::plan(&eval_net.graph);
-    let eval = lower(
-        &eval_net.graph,
-        &eval_schedule,
-        &Roots {
-            image: eval_net.image,
-            label: eval_net.label,
-            loss: eval_net.loss,
-            logits: eval_net.heads.iter().map(|h| h.logits).collect(),
-        },
-    );
+    let options = pipeline::Options {
+        fuse: false,
+        ..Default::default()
+    };
+    let planned = pipeline::training(spec, &options).unwrap().planned;
+    memory::verify(&planned.graph, &planned.schedule).unwrap();
+    let train = lower(&planned.graph, &planned.schedule, &planned.roots);
+    let planned = pipeline::evaluation(spec, &options).unwrap();
+    let eval = lower(&planned.graph, &planned.schedule, &planned.roots);
     CompiledNet {
         format_version: FORMAT_VERSION,
         spec: spec.clone(),

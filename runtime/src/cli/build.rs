@@ -22,9 +22,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ldnc_ir::program::{CompiledNet, Program, Storage};
 use ldnc_ir::spec::NetSpec;
-use ldnc_ir::{expand, Graph, Mode, Role};
-use ldnc_passes::fuse::{fuse, FuseOptions, FuseReport};
-use ldnc_passes::{autodiff, memory};
+use ldnc_ir::{Graph, Role};
+use ldnc_passes::fuse::FuseReport;
+use ldnc_passes::{memory, pipeline};
 
 use super::compile::{compile_with_report, CompileOptions};
 use super::inspect::{self, InspectOptions};
@@ -155,14 +155,17 @@ pub fn run_build(args: &BuildArgs, quiet: bool) -> Result<()> {
     }
 
     if args.explain || args.emit.contains(&Emit::Graph) {
-        let stages = Stages::run(&spec)?;
+        let stages = Stages::run(&spec, options)?;
         if args.explain {
             print_explanation(&spec, &stages, &fusion, &payload.net, section.len());
         }
         if args.emit.contains(&Emit::Graph) {
             let title = &spec.name;
-            let forward = dot(&stages.forward, &format!("{title} forward (after fusion)"));
-            let training = dot(&stages.training, &format!("{title} training"));
+            let forward = dot(
+                &stages.pipeline.expanded,
+                &format!("{title} forward (as expanded)"),
+            );
+            let training = dot(&stages.pipeline.planned.graph, &format!("{title} training"));
             emit_file(&output, "forward.dot", &forward, quiet)?;
             emit_file(&output, "train.dot", &training, quiet)?;
         }
@@ -360,33 +363,19 @@ fn emit_file(output: &Path, suffix: &str, text: &str, quiet: bool) -> Result<()>
 }
 
 /// The graphs between the spec and the training program that `--emit graph`
-/// and `--explain` show.
-///
-/// NOTE: these repeat the training half of `compile::compile_with_report`,
-/// which returns only the programs and fusion reports; a change there must be
-/// mirrored here.
+/// and `--explain` show, with the naive plan of the training graph.
 struct Stages {
-    /// The forward graph as expanded, before fusion.
-    expanded: Graph,
-    /// The forward graph after fusion, which autodiff differentiates.
-    forward: Graph,
-    training: Graph,
+    pipeline: pipeline::TrainingStages,
     naive_buffers: Vec<ldnc_ir::program::Buffer>,
 }
 
 impl Stages {
-    fn run(spec: &NetSpec) -> Result<Stages> {
-        let net = expand(spec, Mode::Train).context("expanding the training network")?;
-        let (fused, _) =
-            fuse(&net, &FuseOptions::default()).context("fusing the training network")?;
-        let training = autodiff::differentiate(&fused, &spec.train)
-            .context("differentiating the network")?
-            .graph;
-        let naive_buffers = memory::plan_naive(&training).buffers;
+    fn run(spec: &NetSpec, options: CompileOptions) -> Result<Stages> {
+        let pipeline =
+            pipeline::training(spec, &options.into()).context("compiling the training program")?;
+        let naive_buffers = memory::plan_naive(&pipeline.planned.graph).buffers;
         Ok(Stages {
-            expanded: net.graph,
-            forward: fused.graph,
-            training,
+            pipeline,
             naive_buffers,
         })
     }
@@ -410,9 +399,11 @@ fn print_explanation(
             .filter(|&id| graph.node(id).op.role() == role)
             .count()
     };
-    let expanded = &stages.expanded;
-    let forward = &stages.forward;
-    let training = &stages.training;
+    let expanded = &stages.pipeline.expanded;
+    let differentiated = &stages.pipeline.differentiated;
+    let forward_len = fusion
+        .first()
+        .map_or(expanded.len(), |report| report.nodes_after);
 
     println!("pipeline of {}", spec.name);
     println!(
@@ -426,9 +417,9 @@ fn print_explanation(
     println!(
         "  autodiff    training graph: {} nodes ({} added for gradients and updates, {} of them \
          optimizer and running-statistics updates)",
-        training.len(),
-        training.len().saturating_sub(forward.len()),
-        count(training, Role::Update)
+        differentiated.len(),
+        differentiated.len().saturating_sub(forward_len),
+        count(differentiated, Role::Update)
     );
     for (stage, program) in [("training", &net.train), ("evaluation", &net.eval)] {
         println!(

@@ -1,12 +1,12 @@
-//! The compiler pipeline as the CLI runs it: expand, differentiate, plan, lower.
+//! The compiler pipeline as the CLI runs it: the passes of
+//! `ldnc_passes::pipeline`, then lowering to CPU programs.
 
 use anyhow::{Context, Result};
-use ldnc_codegen::cpu::{lower, Roots};
+use ldnc_codegen::cpu::lower;
 use ldnc_ir::program::{CompiledNet, Program, FORMAT_VERSION};
 use ldnc_ir::spec::NetSpec;
-use ldnc_ir::{expand, Mode};
-use ldnc_passes::fuse::{fuse, FuseOptions, FuseReport};
-use ldnc_passes::{autodiff, memory};
+use ldnc_passes::fuse::FuseReport;
+use ldnc_passes::pipeline::{self, Planned};
 
 /// Choices that change the compiled program but not the network.
 #[derive(Debug, Clone, Copy)]
@@ -26,59 +26,50 @@ impl Default for CompileOptions {
     }
 }
 
+impl From<CompileOptions> for pipeline::Options {
+    fn from(options: CompileOptions) -> pipeline::Options {
+        pipeline::Options {
+            fuse: options.fuse,
+            plan_memory: options.plan_memory,
+            ..pipeline::Options::default()
+        }
+    }
+}
+
 /// Compiles the training and evaluation programs of `spec`.
 pub fn compile(spec: &NetSpec, options: CompileOptions) -> Result<CompiledNet> {
     Ok(compile_with_report(spec, options)?.0)
 }
 
 /// Compiles and also returns the fusion reports of the training and evaluation
-/// networks (empty when fusion is off).
+/// graphs (empty when fusion is off).
 pub fn compile_with_report(
     spec: &NetSpec,
     options: CompileOptions,
 ) -> Result<(CompiledNet, Vec<FuseReport>)> {
     let started = std::time::Instant::now();
-    let mut reports = Vec::new();
-    let mut net = expand(spec, Mode::Train).context("expanding the training network")?;
-    if options.fuse {
-        let (fused, report) =
-            fuse(&net, &FuseOptions::default()).context("fusing the training network")?;
-        net = fused;
-        reports.push(report);
-    }
-    let tg = autodiff::differentiate(&net, &spec.train).context("differentiating the network")?;
-    let schedule = if options.plan_memory {
-        memory::plan(&tg.graph)
-    } else {
-        memory::plan_naive(&tg.graph)
-    };
-    let roots = Roots {
-        image: tg.image,
-        label: tg.label,
-        loss: tg.loss,
-        logits: tg.logits.clone(),
-    };
-    let train = lower(&tg.graph, &schedule, &roots);
+    let options = pipeline::Options::from(options);
+    let training = pipeline::training(spec, &options).context("compiling the training program")?;
+    let train = lower_planned(&training.planned);
     tracing::info!(
-        nodes = tg.graph.len(),
+        nodes = training.planned.graph.len(),
         steps = train.steps.len(),
         buffers = train.buffers.len(),
         "compiled the training program"
     );
 
-    let mut eval_net = expand(spec, Mode::Eval).context("expanding the evaluation network")?;
-    if options.fuse {
-        let (fused, report) =
-            fuse(&eval_net, &FuseOptions::default()).context("fusing the evaluation network")?;
-        eval_net = fused;
-        reports.push(report);
-    }
-    let eval = lower_forward(&eval_net, options);
+    let evaluation =
+        pipeline::evaluation(spec, &options).context("compiling the evaluation program")?;
+    let eval = lower_planned(&evaluation);
     tracing::info!(
         steps = eval.steps.len(),
         seconds = started.elapsed().as_secs_f64(),
         "compiled the evaluation program"
     );
+    let reports = [training.planned.fusion, evaluation.fusion]
+        .into_iter()
+        .flatten()
+        .collect();
     let compiled = CompiledNet {
         format_version: FORMAT_VERSION,
         spec: spec.clone(),
@@ -88,17 +79,6 @@ pub fn compile_with_report(
     Ok((compiled, reports))
 }
 
-fn lower_forward(net: &ldnc_ir::Network, options: CompileOptions) -> Program {
-    let schedule = if options.plan_memory {
-        memory::plan(&net.graph)
-    } else {
-        memory::plan_naive(&net.graph)
-    };
-    let roots = Roots {
-        image: net.image,
-        label: net.label,
-        loss: net.loss,
-        logits: net.heads.iter().map(|h| h.logits).collect(),
-    };
-    lower(&net.graph, &schedule, &roots)
+fn lower_planned(planned: &Planned) -> Program {
+    lower(&planned.graph, &planned.schedule, &planned.roots)
 }
