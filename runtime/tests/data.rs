@@ -765,20 +765,91 @@ fn prefetcher_same_for_any_thread_count() {
     );
 }
 
-#[test]
-fn prefetcher_reports_corrupt_jpeg() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_imagenet(dir.path());
-    let broken = dir.path().join("train/n02/broken.JPEG");
+/// Writes the ImageNet fixture plus `train/n02/broken.JPEG`, a JPEG header
+/// followed by garbage, and returns the path of the broken file.
+fn write_imagenet_with_broken_jpeg(root: &Path) -> PathBuf {
+    write_imagenet(root);
+    let broken = root.join("train/n02/broken.JPEG");
     write(&broken, b"\xff\xd8\xff\xe0\x00\x10JFIF\x00garbage");
+    broken
+}
+
+#[test]
+fn prefetcher_skips_corrupt_jpeg() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broken = write_imagenet_with_broken_jpeg(dir.path());
     let imagenet = data::open_imagenet(dir.path()).expect("open");
-    let config = BatchConfig::eval(4);
-    let mut config = config;
+    let names: Vec<_> = imagenet
+        .train
+        .iter()
+        .map(|(path, _)| path.clone())
+        .collect();
+    assert_eq!(names[2], broken, "files are listed in sorted order");
+    let mut config = BatchConfig::eval(4);
     config.augment = Augment::ResizeCenterCrop { resize: 8, crop: 8 };
-    let results: Vec<_> =
-        Prefetcher::new(Arc::new(imagenet.train), &imagenet_norm(), &config, 0, 2, 2).collect();
-    let error = results[0].as_ref().expect_err("corrupt JPEG");
-    assert!(error.to_string().contains("broken.JPEG"), "{error}");
+
+    let mut prefetcher =
+        Prefetcher::new(Arc::new(imagenet.train), &imagenet_norm(), &config, 0, 2, 2);
+    let batch = prefetcher
+        .next()
+        .expect("one batch")
+        .expect("the other images decode");
+    assert!(prefetcher.next().is_none(), "4 files make one batch of 4");
+    assert_eq!(batch.len, 3);
+    assert_eq!(batch.indices, vec![0, 1, 3]);
+    assert_eq!(batch.labels, vec![0.0, 0.0, 1.0]);
+    assert_eq!(batch.images.len(), 3 * 8 * 8 * 3);
+    let skipped = prefetcher.skipped();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0].path, broken);
+    assert!(!skipped[0].reason.is_empty());
+}
+
+#[test]
+fn prefetcher_skip_keeps_other_samples() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_imagenet_with_broken_jpeg(dir.path());
+    let imagenet = data::open_imagenet(dir.path()).expect("open");
+    let files = Arc::new(imagenet.train);
+    let norm = imagenet_norm();
+    let run = |batch_size: usize, threads: usize| {
+        let config = BatchConfig::train(batch_size, Augment::RandomResizedCrop { size: 8 }, 5);
+        let mut prefetcher = Prefetcher::new(Arc::clone(&files), &norm, &config, 1, threads, 2);
+        let batches: Vec<data::Batch> = prefetcher
+            .by_ref()
+            .collect::<Result<_, _>>()
+            .expect("only decode failures");
+        (batches, prefetcher.skipped().len())
+    };
+
+    // One image per batch: the broken file's batch is left out entirely.
+    let (singles, skipped) = run(1, 2);
+    assert_eq!(skipped, 1);
+    assert_eq!(singles.len(), 3);
+    assert!(singles.iter().all(|b| b.indices != vec![2]));
+
+    // In pairs, the broken file's partner trains alone, exactly as it does
+    // in its own batch, whatever the thread count.
+    let (pairs, skipped) = run(2, 1);
+    assert_eq!(skipped, 1);
+    assert_eq!(run(2, 3).0, pairs);
+    assert_eq!(pairs.len(), 2);
+    assert_eq!(pairs.iter().map(|b| b.len).sum::<usize>(), 3);
+    let image_len = 8 * 8 * 3;
+    for batch in &pairs {
+        for (slot, index) in batch.indices.iter().enumerate() {
+            let single = singles
+                .iter()
+                .find(|b| b.indices == vec![*index])
+                .expect("every decodable image has a single batch");
+            assert_eq!(
+                batch.images[slot * image_len..(slot + 1) * image_len],
+                single.images[..],
+                "image {index}"
+            );
+            assert_eq!(batch.labels[slot], single.labels[0], "image {index}");
+        }
+    }
 }
 
 fn imagenet_norm() -> Normalization {

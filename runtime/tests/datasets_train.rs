@@ -304,6 +304,77 @@ fn imagenet_missing_val_fails_before_training() {
     assert!(!work.path().join("run").exists(), "nothing is written");
 }
 
+/// A JPEG header followed by bytes that no decoder accepts.
+const BROKEN_JPEG: &[u8] = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00not a JPEG";
+
+/// Trains the shrunken ImageNet network on `dir` for one epoch of one batch
+/// of `batch` images in `work/run` and returns the process output.
+fn train_imagenet_once(work: &Path, dir: &Path, batch: &str) -> Output {
+    let data = format!("imagenet:{}", dir.display());
+    let net = example("log-densenet-169-imagenet.ron");
+    let mut args = vec![
+        "train", &net, "--data", &data, "--epochs", "1", "--batch", batch, "--out", "run",
+    ];
+    for item in IMAGENET_NET {
+        args.extend(["--set", item]);
+    }
+    ldnc(&args, work)
+}
+
+#[test]
+fn imagenet_train_skips_corrupt_jpeg() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = work.path().join("imagenet");
+    write_imagenet(&dir);
+    write(&dir.join("train/n01443537/corrupt.JPEG"), BROKEN_JPEG);
+
+    // One batch of all 5 train images, so the corrupt one is always in it.
+    let out = train_imagenet_once(work.path(), &dir, "5");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(
+        log.contains("corrupt.JPEG"),
+        "the skip names the file: {log}"
+    );
+    assert!(log.contains("skipped=1"), "the epoch logs the count: {log}");
+    assert!(
+        stdout(&out).contains("undecodable images skipped: 2"),
+        "1 train and 1 test image: {}",
+        stdout(&out)
+    );
+    let metrics = std::fs::read_to_string(work.path().join("run/metrics.jsonl")).expect("metrics");
+    let row: serde_json::Value = serde_json::from_str(metrics.trim()).expect("one JSON line");
+    assert_eq!(row["skipped_images"], 2, "{row}");
+    assert_eq!(row["step"], 1, "the other 4 images train in one step");
+}
+
+#[test]
+fn imagenet_no_decodable_train_image_fails() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = work.path().join("imagenet");
+    write_imagenet(&dir);
+    for class in ["n01440764", "n01443537"] {
+        for number in 1..=2 {
+            write(
+                &dir.join(format!("train/{class}/{class}_{number}.JPEG")),
+                BROKEN_JPEG,
+            );
+        }
+    }
+
+    let out = train_imagenet_once(work.path(), &dir, "2");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let message = stderr(&out);
+    assert!(
+        message.contains("none of the train images of imagenet decoded in epoch 1 (4 failed)"),
+        "{message}"
+    );
+    assert!(
+        !work.path().join("run/checkpoint.safetensors").exists(),
+        "no checkpoint of an epoch that trained nothing"
+    );
+}
+
 // ---------------------------------------------------------------- CamVid
 
 const CAMVID_HEIGHT: u32 = 20;

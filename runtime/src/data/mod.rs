@@ -44,7 +44,7 @@ pub use cifar::{load_cifar10, load_cifar100, CIFAR10_CLASSES};
 pub use error::{DataError, Result};
 pub use idx::{encode_idx, load_fashion_mnist, read_idx, IdxArray, FASHION_MNIST_CLASSES};
 pub use imagenet::{decode_image_file, open_imagenet, IMAGENET_MEAN, IMAGENET_STD};
-pub use prefetch::Prefetcher;
+pub use prefetch::{Prefetcher, SkippedImage};
 pub use sheet::{contact_sheet, draw_number, DIGIT_HEIGHT, DIGIT_WIDTH};
 pub use spec::{
     bundled_fashion_mnist_candidates, DataSpec, DatasetKind, BUNDLED_FASHION_MNIST,

@@ -6,6 +6,12 @@
 //! `depth` batches ahead of the consumer, so at most `depth` batches wait in
 //! memory. Samples use the same per-sample RNG as [`super::Batcher`], so the
 //! batches do not depend on the number of threads.
+//!
+//! An image that fails to decode is left out of its batch, which trains on
+//! the rest. A batch whose images all fail is left out of the epoch. The
+//! iterator counts these images and names the first few in the log. Any other
+//! error, such as a file that can no longer be read, is returned in place of
+//! its batch.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,6 +24,24 @@ use super::augment::{apply, sample_rng, Shape};
 use super::batch::{batch_indices, epoch_order, write_sample, Batch, BatchConfig, Normalization};
 use super::error::{DataError, Result};
 use super::imagenet::decode_image_file;
+
+/// At most this many undecodable files are named in the log per epoch and
+/// split; the rest are only counted.
+const NAMED_SKIPS: u64 = 10;
+
+/// An image file left out of its batch because it failed to decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedImage {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// A worker's result for one batch: the images that decoded, `None` when
+/// none did, and the ones that did not.
+struct Decoded {
+    batch: Option<Batch>,
+    skipped: Vec<SkippedImage>,
+}
 
 /// The claim window shared by the workers and the consumer.
 struct Window {
@@ -38,13 +62,15 @@ struct Shared {
 }
 
 /// Iterates over one epoch of `(path, label)` files as decoded, augmented,
-/// normalized RGB batches.
+/// normalized RGB batches, leaving out the images that fail to decode.
 pub struct Prefetcher {
     shared: Arc<Shared>,
-    receiver: Receiver<(usize, Result<Batch>)>,
+    receiver: Receiver<(usize, Result<Decoded>)>,
     workers: Vec<JoinHandle<()>>,
-    pending: BTreeMap<usize, Result<Batch>>,
+    pending: BTreeMap<usize, Result<Decoded>>,
     next: usize,
+    /// Images left out so far, in the order the iterator reached them.
+    skipped: Vec<SkippedImage>,
 }
 
 impl Prefetcher {
@@ -88,16 +114,38 @@ impl Prefetcher {
             workers,
             pending: BTreeMap::new(),
             next: 0,
+            skipped: Vec::new(),
         }
     }
 
-    /// The number of batches in the epoch.
+    /// The number of batches in the epoch, counting those that may turn out
+    /// to have no decodable image.
     pub fn batch_count(&self) -> usize {
         self.shared.batches.len()
     }
+
+    /// Images left out so far in this epoch because they failed to decode.
+    pub fn skipped(&self) -> &[SkippedImage] {
+        &self.skipped
+    }
+
+    /// Records the images a batch left out, naming the first [`NAMED_SKIPS`]
+    /// of the epoch in the log.
+    fn record_skips(&mut self, skipped: Vec<SkippedImage>) {
+        for image in skipped {
+            if (self.skipped.len() as u64) < NAMED_SKIPS {
+                tracing::warn!(
+                    path = %image.path.display(),
+                    reason = %image.reason,
+                    "skipping an undecodable image"
+                );
+            }
+            self.skipped.push(image);
+        }
+    }
 }
 
-fn run_worker(shared: &Shared, sender: &Sender<(usize, Result<Batch>)>) {
+fn run_worker(shared: &Shared, sender: &Sender<(usize, Result<Decoded>)>) {
     loop {
         let claimed = {
             let mut window = shared
@@ -127,16 +175,28 @@ fn run_worker(shared: &Shared, sender: &Sender<(usize, Result<Batch>)>) {
     }
 }
 
-fn build_batch(shared: &Shared, indices: &[usize]) -> Result<Batch> {
+/// Decodes and augments the images at `indices` into one batch, leaving out
+/// those that fail to decode. Each image keeps its own RNG, so the others
+/// come out as they would in a batch without the failures.
+fn build_batch(shared: &Shared, indices: &[usize]) -> Result<Decoded> {
     let channels = shared.norm.mean.len();
     let fill_label = shared.config.ignore_label.map_or(-1.0, |l| l as f32);
     let mut images = Vec::new();
-    let mut labels = vec![0f32; indices.len()];
+    let mut labels = Vec::with_capacity(indices.len());
+    let mut decoded = Vec::with_capacity(indices.len());
+    let mut skipped = Vec::new();
     let mut size = None;
 
-    for (slot, &index) in indices.iter().enumerate() {
+    for &index in indices {
         let (path, label) = &shared.files[index];
-        let image = decode_image_file(path)?.to_rgb8();
+        let image = match decode_image_file(path) {
+            Ok(image) => image.to_rgb8(),
+            Err(DataError::Decode { path, reason }) => {
+                skipped.push(SkippedImage { path, reason });
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let shape = Shape {
             height: image.height() as usize,
             width: image.width() as usize,
@@ -162,8 +222,10 @@ fn build_batch(shared: &Shared, indices: &[usize]) -> Result<Batch> {
                 ),
             });
         }
+        let slot = decoded.len();
         let image_len = height * width * channels;
         images.resize((slot + 1) * image_len, 0.0);
+        labels.push(0.0);
         write_sample(
             &sample,
             Some(*label),
@@ -172,38 +234,50 @@ fn build_batch(shared: &Shared, indices: &[usize]) -> Result<Batch> {
             &mut images[slot * image_len..],
             &mut labels[slot..slot + 1],
         );
+        decoded.push(index);
     }
 
-    let (height, width) = size.unwrap_or((0, 0));
-    Ok(Batch {
+    let batch = size.map(|(height, width)| Batch {
         images,
         labels,
-        len: indices.len(),
+        len: decoded.len(),
         height,
         width,
         channels,
-        indices: indices.to_vec(),
-    })
+        indices: decoded,
+    });
+    Ok(Decoded { batch, skipped })
 }
 
 impl Iterator for Prefetcher {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Result<Batch>> {
-        if self.next >= self.shared.batches.len() {
-            return None;
-        }
         loop {
-            if let Some(batch) = self.pending.remove(&self.next) {
+            if self.next >= self.shared.batches.len() {
+                return None;
+            }
+            if let Some(result) = self.pending.remove(&self.next) {
                 self.next += 1;
-                let mut window = self
-                    .shared
-                    .window
-                    .lock()
-                    .expect("no thread panics holding the window");
-                window.consumed = self.next;
-                self.shared.wake.notify_all();
-                return Some(batch);
+                {
+                    let mut window = self
+                        .shared
+                        .window
+                        .lock()
+                        .expect("no thread panics holding the window");
+                    window.consumed = self.next;
+                    self.shared.wake.notify_all();
+                }
+                match result {
+                    Ok(Decoded { batch, skipped }) => {
+                        self.record_skips(skipped);
+                        match batch {
+                            Some(batch) => return Some(Ok(batch)),
+                            None => continue,
+                        }
+                    }
+                    Err(error) => return Some(Err(error)),
+                }
             }
             match self.receiver.recv() {
                 Ok((index, batch)) => {

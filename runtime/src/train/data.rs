@@ -128,7 +128,7 @@ impl EpochBatches<'_> {
     pub(super) fn skipped(&self) -> u64 {
         match self {
             EpochBatches::Memory(_) => 0,
-            EpochBatches::Files(files) => files.skipped,
+            EpochBatches::Files(files) => files.skipped(),
         }
     }
 }

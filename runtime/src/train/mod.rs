@@ -77,6 +77,15 @@ pub enum TrainError {
     InputShape { got: String, expected: String },
     #[error("the dataset has {got} classes but the network predicts {expected}; set `classes`")]
     Classes { got: usize, expected: usize },
+    #[error(
+        "none of the train images of {dataset} decoded in epoch {epoch} ({skipped} failed); \
+         check the files with `ldnc data inspect SPEC --verify`"
+    )]
+    NothingDecoded {
+        dataset: String,
+        epoch: usize,
+        skipped: u64,
+    },
     /// The dataset and the network disagree in a way other than image shape
     /// or class count; `reason` states the mismatch and the fix.
     #[error("{dataset} does not fit network `{network}`: {reason}")]

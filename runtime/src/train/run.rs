@@ -121,6 +121,15 @@ pub fn train_with(
                 "undecodable train images left out of the epoch"
             );
         }
+        // The split has at least one batch, so an epoch without a step
+        // means that every batch was left out.
+        if seen == 0 {
+            return Err(TrainError::NothingDecoded {
+                dataset: data.name().to_string(),
+                epoch: epoch + 1,
+                skipped: train_skipped,
+            });
+        }
         session.sync()?;
 
         let evaluation = session.evaluate(data, &pipeline.eval, config.batch)?;

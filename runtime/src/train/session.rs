@@ -232,7 +232,7 @@ impl Session {
                 for b in batches.by_ref() {
                     self.score(&b?, &mut tally)?;
                 }
-                skipped = batches.skipped;
+                skipped = batches.skipped();
                 if skipped > 0 {
                     tracing::warn!(
                         skipped,
