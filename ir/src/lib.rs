@@ -26,7 +26,7 @@ pub mod program;
 pub mod spec;
 pub mod templates;
 
-pub use expand::{expand, Mode, Network};
+pub use expand::{expand, Mode, Network, CLASS_WEIGHTS};
 pub use graph::{Graph, TensorType, ValueId};
 pub use op::{Init, Op, Role};
 

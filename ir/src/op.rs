@@ -28,6 +28,8 @@ pub enum Init {
     /// Row 0 zeros (mean), row 1 ones (variance).
     RunningStats,
     Zeros,
+    /// All ones: class weights until the trainer sets them from the data.
+    Ones,
 }
 
 /// Purpose of a node. The executor allocates persistent storage for every role
@@ -113,11 +115,15 @@ pub enum Op {
         h: usize,
         w: usize,
     },
-    /// Mean softmax cross-entropy over labelled positions, weighted by
-    /// `class_weights[label]` and normalised by the sum of those weights.
+    /// Mean softmax cross-entropy over labelled positions, with operands
+    /// `(logits, labels)`, or `(logits, labels, class_weights)` when
+    /// `weighted`. A weighted loss scales the term of each position by
+    /// `class_weights[label]` and divides by the sum of those weights. The
+    /// weights are a `[K]` state tensor, so the runtime sets them from the
+    /// data and checkpoints keep them.
     SoftmaxCrossEntropy {
         ignore: Option<u32>,
-        class_weights: Option<Vec<f32>>,
+        weighted: bool,
     },
 
     // ---- backward
@@ -180,11 +186,11 @@ pub enum Op {
         h: usize,
         w: usize,
     },
-    /// `weight * d(loss)/d(logits)` with operands `(logits, labels)`.
+    /// `weight * d(loss)/d(logits)` with the operands of the forward op.
     SoftmaxCrossEntropyBackward {
         weight: f32,
         ignore: Option<u32>,
-        class_weights: Option<Vec<f32>>,
+        weighted: bool,
     },
 
     // ---- fused ops (introduced by the fusion pass)
@@ -289,6 +295,27 @@ fn fused_inputs(t: &[&TensorType], trailing: usize) -> Result<(usize, usize, usi
         }
     }
     Ok((xs[0].dims[0], xs[0].dims[1], c))
+}
+
+/// Checks the operands of a softmax cross-entropy or its gradient: logits
+/// `[.., K]`, labels of the logits' shape without `K`, and, when `weighted`,
+/// unbatched `[K]` class weights.
+fn check_loss_operands(t: &[&TensorType], weighted: bool) -> Result<(), String> {
+    expect_arity(t, if weighted { 3 } else { 2 })?;
+    let logits = &t[0].dims;
+    if t[1].dims != logits[..logits.len() - 1] {
+        return Err(format!("labels {} do not match logits {}", t[1], t[0]));
+    }
+    if weighted {
+        let classes = t[0].channels();
+        if t[2].batched || t[2].dims != [classes] {
+            return Err(format!(
+                "class weights {} must be [{classes}], one per class",
+                t[2]
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn spatial(
@@ -485,21 +512,8 @@ impl Op {
                 }
                 Ok(TensorType::batched(&[*h, *w, t[0].dims[2]]))
             }
-            Op::SoftmaxCrossEntropy { class_weights, .. } => {
-                expect_arity(t, 2)?;
-                let logits = &t[0].dims;
-                if t[1].dims != logits[..logits.len() - 1] {
-                    return Err(format!("labels {} do not match logits {}", t[1], t[0]));
-                }
-                if let Some(w) = class_weights {
-                    if w.len() != t[0].channels() {
-                        return Err(format!(
-                            "{} class weights for {} classes",
-                            w.len(),
-                            t[0].channels()
-                        ));
-                    }
-                }
+            Op::SoftmaxCrossEntropy { weighted, .. } => {
+                check_loss_operands(t, *weighted)?;
                 Ok(TensorType::fixed(&[1]))
             }
             Op::Conv2dBackwardData { k, in_h, in_w, .. } => {
@@ -573,8 +587,8 @@ impl Op {
                 expect_arity(t, 1)?;
                 Ok(TensorType::batched(&[*h, *w, t[0].channels()]))
             }
-            Op::SoftmaxCrossEntropyBackward { .. } => {
-                expect_arity(t, 2)?;
+            Op::SoftmaxCrossEntropyBackward { weighted, .. } => {
+                check_loss_operands(t, *weighted)?;
                 Ok(t[0].clone())
             }
             Op::ConcatStats => {

@@ -48,11 +48,7 @@ pub fn differentiate(net: &Network, train: &TrainSpec) -> Result<TrainingGraph> 
     loss_weights.sort_by_key(|&(ce, _)| ce.index());
     for &(ce, weight) in &loss_weights {
         let inputs = g.inputs(ce);
-        let Op::SoftmaxCrossEntropy {
-            ignore,
-            class_weights,
-        } = g.node(ce).op.clone()
-        else {
+        let Op::SoftmaxCrossEntropy { ignore, weighted } = g.node(ce).op.clone() else {
             unreachable!("loss_weights only returns cross-entropy nodes")
         };
         let name = format!("{}.grad", g.node(inputs[0]).name);
@@ -60,7 +56,7 @@ pub fn differentiate(net: &Network, train: &TrainSpec) -> Result<TrainingGraph> 
             Op::SoftmaxCrossEntropyBackward {
                 weight,
                 ignore,
-                class_weights,
+                weighted,
             },
             &inputs,
             name,

@@ -100,5 +100,6 @@ fn initial_values(ty: &TensorType, init: Init, rng: &mut rand::rngs::StdRng) -> 
             (0..n).map(|i| if i < c { 0.0 } else { 1.0 }).collect()
         }
         Init::Zeros => vec![0.0; n],
+        Init::Ones => vec![1.0; n],
     }
 }

@@ -42,6 +42,7 @@ fn coarse(seed: u64, len: usize) -> Vec<f32> {
 }
 
 /// One operand: its type and data at batch `n`.
+#[derive(Clone)]
 struct Operand {
     ty: TensorType,
     data: Vec<f32>,
@@ -245,12 +246,22 @@ proptest! {
             })
             .collect();
         let labels_op = || Operand { ty: label_ty.clone(), data: labels.clone() };
-        let class_weights = weighted.then(|| data(seed ^ 6, classes).iter().map(|v| v.abs() + 0.1).collect::<Vec<f32>>());
+        let class_weights = Operand {
+            ty: TensorType::fixed(&[classes]),
+            data: data(seed ^ 6, classes).iter().map(|v| v.abs() + 0.1).collect(),
+        };
+        let operands = || {
+            let mut operands = vec![logits(), labels_op()];
+            if weighted {
+                operands.push(class_weights.clone());
+            }
+            operands
+        };
 
-        let fwd = Op::SoftmaxCrossEntropy { ignore, class_weights: class_weights.clone() };
-        check(&fwd, &[logits(), labels_op()], n, seed, TOL)?;
-        let bwd = Op::SoftmaxCrossEntropyBackward { weight, ignore, class_weights };
-        check(&bwd, &[logits(), labels_op()], n, seed, TOL)?;
+        let fwd = Op::SoftmaxCrossEntropy { ignore, weighted };
+        check(&fwd, &operands(), n, seed, TOL)?;
+        let bwd = Op::SoftmaxCrossEntropyBackward { weight, ignore, weighted };
+        check(&bwd, &operands(), n, seed, TOL)?;
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
+use ldnc_runtime::checkpoint;
 use ldnc_runtime::data::mat::{self, MatArray, MatData};
+use ldnc_runtime::data::{self, DataSpec};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -455,6 +457,17 @@ fn camvid_trains_on_crops_and_reports_iou() {
         .filter(|&(i, x, y)| camvid_label(i, x, y) != 11)
         .count();
     assert_eq!(run.json["pixels"], non_void as u64);
+
+    // The loss was weighted by the train split's median-frequency weights,
+    // which the checkpoint keeps for resuming and evaluation.
+    let spec = DataSpec::parse(&data).expect("spec");
+    let weights = data::load(&spec)
+        .expect("fixture")
+        .class_weights
+        .expect("CamVid has class weights");
+    let (tensors, _) =
+        checkpoint::load(&work.path().join("run/checkpoint.safetensors")).expect("checkpoint");
+    assert_eq!(tensors["loss.class_weights"].1, weights);
 }
 
 #[test]

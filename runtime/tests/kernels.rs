@@ -196,11 +196,16 @@ proptest! {
         let (lt, labt) = (img(2, 3, k), TensorType::batched(&[2, 3]));
         let logits: Vec<f32> = values(seed + 4, lt.numel(n)).iter().map(|v| 8.0 * v).collect();
         let labels: Vec<f32> = values(seed + 5, labt.numel(n)).iter().map(|v| ((v + 1.0) / 2.0 * k as f32).floor().min(k as f32 - 1.0)).collect();
-        let class_weights = weighted.then(|| values(seed + 6, k).iter().map(|v| v + 1.5).collect::<Vec<f32>>());
+        let class_weights: Vec<f32> = values(seed + 6, k).iter().map(|v| v + 1.5).collect();
+        let wt = TensorType::fixed(&[k]);
         let ignore = ignore.filter(|&i| (i as usize) < k);
-        check_sets(&Op::SoftmaxCrossEntropy { ignore, class_weights: class_weights.clone() }, &[(&logits, &lt), (&labels, &labt)], n);
-        let back = Op::SoftmaxCrossEntropyBackward { weight: 0.5, ignore, class_weights };
-        check_sets(&back, &[(&logits, &lt), (&labels, &labt)], n);
+        let mut operands = vec![(&logits[..], &lt), (&labels[..], &labt)];
+        if weighted {
+            operands.push((&class_weights[..], &wt));
+        }
+        check_sets(&Op::SoftmaxCrossEntropy { ignore, weighted }, &operands, n);
+        let back = Op::SoftmaxCrossEntropyBackward { weight: 0.5, ignore, weighted };
+        check_sets(&back, &operands, n);
     }
 
     #[test]
@@ -560,21 +565,28 @@ fn softmax_cross_entropy_gradient() {
     let logits: Vec<f32> = values(21, lt.numel(n)).iter().map(|v| 3.0 * v).collect();
     // Label 4 is the ignore label; positions 2 and 5 carry it.
     let labels = [0.0, 3.0, 4.0, 1.0, 2.0, 4.0, 3.0, 3.0];
-    for class_weights in [None, Some(vec![0.5, 2.0, 1.0, 3.0])] {
+    let class_weights = [0.5, 2.0, 1.0, 3.0];
+    let wt = TensorType::fixed(&[4]);
+    for weighted in [false, true] {
         let loss = Op::SoftmaxCrossEntropy {
             ignore: Some(4),
-            class_weights: class_weights.clone(),
+            weighted,
         };
         let weight = 0.7;
         let back = Op::SoftmaxCrossEntropyBackward {
             weight,
             ignore: Some(4),
-            class_weights,
+            weighted,
         };
-        let grad = reference(&back, &[(&logits, &lt), (&labels, &labt)], n);
-        let fd = numeric_grad(&logits, |z| {
-            weight as f64 * reference(&loss, &[(z, &lt), (&labels, &labt)], n)[0] as f64
-        });
+        let run_on = |op: &Op, z: &[f32]| {
+            let mut operands = vec![(z, &lt), (&labels[..], &labt)];
+            if weighted {
+                operands.push((&class_weights[..], &wt));
+            }
+            reference(op, &operands, n)
+        };
+        let grad = run_on(&back, &logits);
+        let fd = numeric_grad(&logits, |z| weight as f64 * run_on(&loss, z)[0] as f64);
         assert_grad(&grad, &fd, "softmax_cross_entropy_backward");
     }
 }

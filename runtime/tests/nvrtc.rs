@@ -43,7 +43,7 @@ fn sample_ops() -> Vec<(Op, Vec<TensorType>)> {
     let up = TensorType::batched(&[6, 8, 4]);
     let logits = TensorType::batched(&[5, 7, 6]);
     let labels = TensorType::batched(&[5, 7]);
-    let weights = Some(vec![1.0, 2.0, 0.5, 1.0, 1.0, 3.0]);
+    let weights = fixed(&[6]);
     // The fused ops read the concatenation of `img` and `part`, 5 channels.
     let part = TensorType::batched(&[5, 7, 2]);
     let concat = TensorType::batched(&[5, 7, 5]);
@@ -118,17 +118,17 @@ fn sample_ops() -> Vec<(Op, Vec<TensorType>)> {
         (
             Op::SoftmaxCrossEntropy {
                 ignore: Some(6),
-                class_weights: weights.clone(),
+                weighted: true,
             },
-            vec![logits.clone(), labels.clone()],
+            vec![logits.clone(), labels.clone(), weights.clone()],
         ),
         (
             Op::SoftmaxCrossEntropyBackward {
                 weight: 0.5,
                 ignore: None,
-                class_weights: weights,
+                weighted: true,
             },
-            vec![logits.clone(), labels.clone()],
+            vec![logits.clone(), labels.clone(), weights],
         ),
         (
             Op::SgdUpdate {
@@ -625,7 +625,8 @@ fn gpu_kernels_match_reference() {
 }
 
 /// Valid data for operand `i` of the `count` operands of sample `op`: class
-/// indices for labels, and positive variances for batch-norm statistics.
+/// indices for labels, positive class weights, and positive variances for
+/// batch-norm statistics.
 fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(31).wrapping_add(i as u64);
     let mut next = move || {
@@ -656,7 +657,7 @@ fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Ve
         .map(|_| {
             if is_loss && i == 1 {
                 (next() * 6.0).floor()
-            } else if is_stats {
+            } else if is_stats || (is_loss && i == 2) {
                 next() + 0.5
             } else {
                 next() * 2.0 - 1.0

@@ -18,6 +18,10 @@ use crate::op::{Init, Op};
 use crate::spec::{NetSpec, Task};
 use crate::Result;
 
+/// Name of the `[classes]` state tensor that weighs each class in the loss
+/// of a segmentation network.
+pub const CLASS_WEIGHTS: &str = "loss.class_weights";
+
 /// Form of the network to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Mode {
@@ -266,19 +270,31 @@ impl<'a> Builder<'a> {
         features: FeatureGraph,
     ) -> Result<Network> {
         self.set_layer(None);
+        // Segmentation losses weigh each class by a state tensor that the
+        // trainer fills from the training labels (median-frequency balancing
+        // for CamVid) and checkpoints keep; it is all ones until then.
         let (ignore, class_weights) = match self.spec.task {
-            Task::Segmentation { ignore_label, .. } => (ignore_label, None),
+            Task::Segmentation { ignore_label, .. } => {
+                let weights = self.graph.add_typed(
+                    Op::State { init: Init::Ones },
+                    &[],
+                    CLASS_WEIGHTS.to_string(),
+                    TensorType::fixed(&[self.spec.classes]),
+                );
+                (ignore_label, Some(weights))
+            }
             Task::Classification => (None, None),
         };
         let mut heads = Vec::new();
         let mut weighted = Vec::new();
         for (name, logits, weight) in heads_logits {
+            let operands: Vec<ValueId> = [logits, label].into_iter().chain(class_weights).collect();
             let loss = self.op(
                 Op::SoftmaxCrossEntropy {
                     ignore,
-                    class_weights: class_weights.clone(),
+                    weighted: class_weights.is_some(),
                 },
-                &[logits, label],
+                &operands,
                 &format!("{name}.loss"),
             )?;
             weighted.push(if weight == 1.0 {

@@ -205,19 +205,6 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
         );
         println!("{}", pipeline.describe());
     }
-    if let Data::Memory(dataset) = data {
-        if dataset.class_weights.is_some() {
-            // TODO: pass the dataset's class weights to the expander, which
-            // builds the loss without them, so CamVid trains with
-            // median-frequency balancing.
-            tracing::warn!(
-                dataset = %dataset.name,
-                "the dataset has class weights, but the compiled loss is unweighted; training \
-                 without them"
-            );
-        }
-    }
-
     let history = train::train_with(&mut session, data, &pipeline, &config, &files, start)?;
     if let Some(last) = history.last() {
         println!(

@@ -164,20 +164,26 @@ fn check_vector(op: &Op, t: &TensorType, what: &str) -> Result<usize, KernelErro
     Ok(t.dims[0])
 }
 
-/// Checks the operands of a softmax cross-entropy and returns its class spec.
+/// Checks the operands of a softmax cross-entropy, `(logits, labels)` plus
+/// the class weights when `weighted`, and returns its class spec.
 fn loss_spec<'a>(
     op: &Op,
-    logits: &TensorType,
-    labels: &TensorType,
+    inputs: &[In<'a>],
     ignore: Option<u32>,
-    class_weights: &'a Option<Vec<f32>>,
+    weighted: bool,
 ) -> Result<LossSpec<'a>, KernelError> {
+    let expected = if weighted { 3 } else { 2 };
+    require(op, inputs.len() == expected, || {
+        format!("{} operands, expected {expected}", inputs.len())
+    })?;
+    let (logits, labels) = (inputs[0].ty, inputs[1].ty);
     let k = logits.channels();
     require(
         op,
         labels.dims[..] == logits.dims[..logits.dims.len().saturating_sub(1)],
         || format!("labels {labels} do not match logits {logits}"),
     )?;
+    let class_weights = weighted.then(|| inputs[2].data);
     if let Some(w) = class_weights {
         require(op, w.len() == k, || {
             format!("{} class weights for {k} classes", w.len())
@@ -186,7 +192,7 @@ fn loss_spec<'a>(
     Ok(LossSpec {
         classes: k,
         ignore,
-        class_weights: class_weights.as_deref(),
+        class_weights,
     })
 }
 
@@ -297,19 +303,16 @@ pub(crate) fn compute<K: Kernels>(
             let k = check_vector(op, ty(1), "gradient")?;
             set.linear_backward_weight(data(0), data(1), c, k, out);
         }
-        Op::SoftmaxCrossEntropy {
-            ignore,
-            class_weights,
-        } => {
-            let spec = loss_spec(op, ty(0), ty(1), *ignore, class_weights)?;
+        Op::SoftmaxCrossEntropy { ignore, weighted } => {
+            let spec = loss_spec(op, inputs, *ignore, *weighted)?;
             out[0] = set.softmax_cross_entropy(op, data(0), data(1), spec)?;
         }
         Op::SoftmaxCrossEntropyBackward {
             weight,
             ignore,
-            class_weights,
+            weighted,
         } => {
-            let spec = loss_spec(op, ty(0), ty(1), *ignore, class_weights)?;
+            let spec = loss_spec(op, inputs, *ignore, *weighted)?;
             set.softmax_cross_entropy_backward(op, data(0), data(1), spec, *weight, out)?;
         }
 

@@ -327,7 +327,7 @@ mod tests {
     fn class_index_reads_labels() {
         let op = Op::SoftmaxCrossEntropy {
             ignore: Some(11),
-            class_weights: None,
+            weighted: false,
         };
         assert_eq!(class_index(&op, 3.0, 0, 11, Some(11)).ok(), Some(Some(3)));
         assert_eq!(class_index(&op, 11.0, 0, 11, Some(11)).ok(), Some(None));

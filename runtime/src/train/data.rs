@@ -78,6 +78,15 @@ impl Data<'_> {
         }
     }
 
+    /// Returns the per-class loss weights of the train split, if the dataset
+    /// has them (median-frequency balancing for CamVid).
+    pub fn class_weights(&self) -> Option<&[f32]> {
+        match self {
+            Data::Memory(d) => d.class_weights.as_deref(),
+            Data::Files(_) => None,
+        }
+    }
+
     pub(super) fn normalization(&self) -> Normalization {
         match self {
             Data::Memory(d) => d.normalization(),

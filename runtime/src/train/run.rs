@@ -50,6 +50,13 @@ pub fn train_with(
 ) -> Result<Vec<EpochMetrics>, TrainError> {
     session.check_data(data, pipeline)?;
     check_split_sizes(data, &session.net.spec.name, config.batch)?;
+    // A fresh run takes the class weights from the training labels, and a
+    // resumed one keeps those its checkpoint restored.
+    let fresh = start.epoch == 0 && start.step == 0;
+    if let (true, Some(weights)) = (fresh, data.class_weights()) {
+        session.set_class_weights(weights)?;
+        tracing::info!(?weights, "loss class weights from the train split");
+    }
     std::fs::create_dir_all(&files.dir).map_err(|source| TrainError::Output {
         path: files.dir.clone(),
         source,

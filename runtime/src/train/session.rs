@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use ldnc_ir::program::CompiledNet;
 use ldnc_ir::spec::Task;
+use ldnc_ir::CLASS_WEIGHTS;
 
 use crate::cuda_exec::CudaExecutor;
 use crate::data::{Augment, Batch, BatchConfig, Batcher};
@@ -92,6 +93,38 @@ impl Session {
     /// Bytes of the training program's temporary buffers at its maximum batch.
     pub fn train_buffer_bytes(&self) -> u64 {
         self.train.buffer_bytes()
+    }
+
+    /// Sets the class weights of the network's loss (segmentation only) and
+    /// copies them to the GPU when training runs there. Checkpoints keep them,
+    /// so a resumed run and `ldnc eval` use the weights it trained with.
+    pub fn set_class_weights(&mut self, weights: &[f32]) -> Result<(), TrainError> {
+        let network = self.net.spec.name.clone();
+        let Some(slot) = self.store.get_mut(CLASS_WEIGHTS) else {
+            return Err(TrainError::Incompatible {
+                dataset: "the class weights".into(),
+                network,
+                reason: "its loss has no class weights, because it is not a segmentation \
+                         network"
+                    .into(),
+            });
+        };
+        if slot.len() != weights.len() {
+            return Err(TrainError::Incompatible {
+                dataset: "the class weights".into(),
+                network,
+                reason: format!(
+                    "{} weights were given for {} classes",
+                    weights.len(),
+                    slot.len()
+                ),
+            });
+        }
+        slot.copy_from_slice(weights);
+        if let Some(cuda) = self.cuda.as_mut() {
+            cuda.upload(&self.store)?;
+        }
+        Ok(())
     }
 
     /// Returns the label that the network's loss skips (segmentation only).

@@ -24,19 +24,16 @@ pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<Lowere
         Op::Linear => linear(inputs[0].channels(), out.channels(), out)?,
         Op::LinearBackwardData => linear_backward_data(out.channels(), inputs[0].channels(), out)?,
         Op::LinearBackwardWeight => linear_backward_weight(out.dims[0], out.dims[1])?,
-        Op::SoftmaxCrossEntropy {
-            ignore,
-            class_weights,
-        } => {
-            let loss = Loss::new(op, inputs, *ignore, class_weights.as_deref())?;
+        Op::SoftmaxCrossEntropy { ignore, weighted } => {
+            let loss = Loss::new(op, inputs, *ignore, *weighted)?;
             loss_forward(&loss)?
         }
         Op::SoftmaxCrossEntropyBackward {
             weight,
             ignore,
-            class_weights,
+            weighted,
         } => {
-            let loss = Loss::new(op, inputs, *ignore, class_weights.as_deref())?;
+            let loss = Loss::new(op, inputs, *ignore, *weighted)?;
             return loss_backward(&loss, *weight);
         }
         Op::SgdUpdate {
@@ -129,22 +126,18 @@ fn linear_backward_weight(c: usize, k: usize) -> Result<super::Launch> {
 }
 
 /// The class layout of a softmax cross-entropy.
-struct Loss<'a> {
+struct Loss {
     classes: usize,
     /// Labels per image (1 for classification, `h * w` for segmentation).
     labels_per_item: usize,
     labels_batched: bool,
     ignore: Option<u32>,
-    class_weights: Option<&'a [f32]>,
+    /// Whether operand 2 holds one weight per class.
+    weighted: bool,
 }
 
-impl<'a> Loss<'a> {
-    fn new(
-        op: &Op,
-        inputs: &[&TensorType],
-        ignore: Option<u32>,
-        class_weights: Option<&'a [f32]>,
-    ) -> Result<Loss<'a>> {
+impl Loss {
+    fn new(op: &Op, inputs: &[&TensorType], ignore: Option<u32>, weighted: bool) -> Result<Loss> {
         let classes = inputs[0].channels();
         if classes == 0 {
             return Err(unsupported(op, "logits have no classes"));
@@ -154,8 +147,13 @@ impl<'a> Loss<'a> {
             labels_per_item: inputs[1].per_item(),
             labels_batched: inputs[1].batched,
             ignore,
-            class_weights,
+            weighted,
         })
+    }
+
+    /// The class-weight operand, when the loss is weighted.
+    fn weights(&self, l: &mut Lowering) -> Option<Buffer> {
+        self.weighted.then(|| l.operand("class_weights", 2))
     }
 
     fn rows(&self, n: &Expr) -> Expr {
@@ -172,11 +170,7 @@ impl<'a> Loss<'a> {
             self.classes,
             self.ignore
                 .map_or(String::new(), |i| format!(", ignore label {i}")),
-            if self.class_weights.is_some() {
-                ", class weights"
-            } else {
-                ""
-            }
+            if self.weighted { ", class weights" } else { "" }
         )
     }
 
@@ -227,9 +221,7 @@ fn loss_forward(loss: &Loss) -> Result<super::Launch> {
     ));
     let z = l.operand("logits", 0);
     let labels = l.operand("labels", 1);
-    let weights = loss
-        .class_weights
-        .map(|w| l.constant("class_weights", w.to_vec()));
+    let weights = loss.weights(&mut l);
     let out = l.result("loss");
     let n = l.batch();
     let scratch = l.shared("partial", THREADS as usize);
@@ -280,9 +272,7 @@ fn loss_backward(loss: &Loss, weight: f32) -> Result<LoweredStep> {
         loss.describe()
     ));
     let labels = l.operand("labels", 1);
-    let weights = loss
-        .class_weights
-        .map(|w| l.constant("class_weights", w.to_vec()));
+    let weights = loss.weights(&mut l);
     let total = l.scratch("total_weight", 0, true);
     let n = l.batch();
     let scratch = l.shared("partial", THREADS as usize);
@@ -312,9 +302,7 @@ fn loss_backward(loss: &Loss, weight: f32) -> Result<LoweredStep> {
     ));
     let z = l.operand("logits", 0);
     let labels = l.operand("labels", 1);
-    let weights = loss
-        .class_weights
-        .map(|w| l.constant("class_weights", w.to_vec()));
+    let weights = loss.weights(&mut l);
     let total = l.scratch("total_weight", 0, false);
     let grad = l.result("grad");
     let n = l.batch();

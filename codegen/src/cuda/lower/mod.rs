@@ -150,11 +150,6 @@ impl Lowering {
         }
     }
 
-    pub(crate) fn constant(&mut self, name: &str, values: Vec<f32>) -> Buffer {
-        self.args.push(Binding::Constant(values));
-        self.b.input(name)
-    }
-
     pub(crate) fn batch(&mut self) -> Expr {
         self.args.push(Binding::Batch);
         self.b.int_param("n")

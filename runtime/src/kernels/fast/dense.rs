@@ -126,7 +126,7 @@ mod tests {
     fn cross_entropy_error_names_row() {
         let op = Op::SoftmaxCrossEntropy {
             ignore: None,
-            class_weights: None,
+            weighted: false,
         };
         let spec = LossSpec {
             classes: 2,

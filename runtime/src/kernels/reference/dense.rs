@@ -197,7 +197,7 @@ mod tests {
 
     const LOSS: Op = Op::SoftmaxCrossEntropy {
         ignore: None,
-        class_weights: None,
+        weighted: false,
     };
 
     #[test]
