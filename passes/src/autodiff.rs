@@ -247,52 +247,6 @@ fn vjp(g: &mut Graph, id: ValueId, dy: ValueId) -> Result<Vec<(ValueId, ValueId)
             )?;
             vec![(ins[0], dx), (ins[2], da)]
         }
-        // y = conv(z, w) with z = relu(bn(concat(x))): dz = conv^T(dy, w), then the
-        // BN-ReLU backward on the recomputed z gives d concat(x), sliced per input;
-        // dw and the affine gradient also recompute z from the inputs.
-        Op::BnReluConv {
-            k,
-            stride,
-            pad,
-            eps,
-        } => {
-            let m = ins.len() - 3;
-            let (xs, stats, affine, w) = (&ins[..m], ins[m], ins[m + 1], ins[m + 2]);
-            let (in_h, in_w) = in_hw(g, xs[0]);
-            let dz_op = Op::Conv2dBackwardData {
-                k,
-                stride,
-                pad,
-                in_h,
-                in_w,
-            };
-            let dz = add(g, dz_op, &[dy, w], "dz")?;
-            let mut fused: Vec<ValueId> = xs.to_vec();
-            fused.extend([stats, affine, dy]);
-            let dw_op = Op::BnReluConvBackwardFilter {
-                k,
-                stride,
-                pad,
-                eps,
-            };
-            let dw = add(g, dw_op, &fused, "dw")?;
-            *fused.last_mut().expect("operands end with the gradient") = dz;
-            let dconcat = add(g, Op::BnReluBackward { eps }, &fused, "dx")?;
-            let daffine = add(g, Op::BnReluAffineGrad { eps }, &fused, "daffine")?;
-            let mut pairs = vec![(w, dw), (affine, daffine)];
-            if m == 1 {
-                pairs.push((xs[0], dconcat));
-            } else {
-                let mut start = 0;
-                for (pos, &x) in xs.iter().enumerate() {
-                    let len = g.node(x).ty.channels();
-                    let dx = add(g, Op::Slice { start, len }, &[dconcat], &format!("d{pos}"))?;
-                    pairs.push((x, dx));
-                    start += len;
-                }
-            }
-            pairs
-        }
         // dx = dy * [x > 0].
         Op::Relu => vec![(ins[0], add(g, Op::ReluBackward, &[ins[0], dy], "dx")?)],
         // Each operand receives its channel slice of dy.

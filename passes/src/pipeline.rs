@@ -1,5 +1,5 @@
-//! The pass half of the compiler, in one place: expand a spec, fuse,
-//! differentiate and plan memory. Lowering to a program is codegen's part and
+//! The pass half of the compiler, in one place: expand a spec, differentiate
+//! the unfused network, fuse the whole training graph and plan memory. Lowering to a program is codegen's part and
 //! takes the `Planned` graph this module returns.
 //!
 //! ```
@@ -9,13 +9,12 @@
 //! ldnc_passes::memory::verify(&stages.planned.graph, &stages.planned.schedule).unwrap();
 //! ```
 
-use ldnc_ir::expand::Network;
 use ldnc_ir::graph::Graph;
 use ldnc_ir::program::{Roots, Schedule};
 use ldnc_ir::spec::NetSpec;
 use ldnc_ir::{expand, Mode};
 
-use crate::fuse::{fuse, FuseOptions, FuseReport};
+use crate::fuse::{fuse, fuse_training, FuseOptions, FuseReport};
 use crate::{autodiff, memory, Result};
 
 /// Choices that change the compiled program but not the network.
@@ -55,7 +54,7 @@ pub struct Planned {
 pub struct TrainingStages {
     /// The forward graph as expanded.
     pub expanded: Graph,
-    /// The training graph as autodiff built it.
+    /// The training graph as autodiff built it from the unfused network.
     pub differentiated: Graph,
     /// The final training graph and its plan.
     pub planned: Planned,
@@ -64,8 +63,13 @@ pub struct TrainingStages {
 /// Runs the training pipeline of `spec`.
 pub fn training(spec: &NetSpec, options: &Options) -> Result<TrainingStages> {
     let expanded = expand(spec, Mode::Train)?;
-    let (net, fusion) = fuse_if(&expanded, options)?;
-    let tg = autodiff::differentiate(&net, &spec.train)?;
+    let differentiated = autodiff::differentiate(&expanded, &spec.train)?;
+    let (tg, fusion) = if options.fuse {
+        let (fused, report) = fuse_training(&differentiated, &options.fuse_options)?;
+        (fused, Some(report))
+    } else {
+        (differentiated.clone(), None)
+    };
     let schedule = plan(&tg.graph, options);
     let planned = Planned {
         schedule,
@@ -76,11 +80,11 @@ pub fn training(spec: &NetSpec, options: &Options) -> Result<TrainingStages> {
             logits: tg.logits.clone(),
         },
         fusion,
-        graph: tg.graph.clone(),
+        graph: tg.graph,
     };
     Ok(TrainingStages {
         expanded: expanded.graph,
-        differentiated: tg.graph,
+        differentiated: differentiated.graph,
         planned,
     })
 }
@@ -88,7 +92,12 @@ pub fn training(spec: &NetSpec, options: &Options) -> Result<TrainingStages> {
 /// Runs the evaluation pipeline of `spec`: expand, fuse, plan.
 pub fn evaluation(spec: &NetSpec, options: &Options) -> Result<Planned> {
     let expanded = expand(spec, Mode::Eval)?;
-    let (net, fusion) = fuse_if(&expanded, options)?;
+    let (net, fusion) = if options.fuse {
+        let (fused, report) = fuse(&expanded, &options.fuse_options)?;
+        (fused, Some(report))
+    } else {
+        (expanded, None)
+    };
     Ok(Planned {
         schedule: plan(&net.graph, options),
         roots: Roots {
@@ -100,14 +109,6 @@ pub fn evaluation(spec: &NetSpec, options: &Options) -> Result<Planned> {
         fusion,
         graph: net.graph,
     })
-}
-
-fn fuse_if(net: &Network, options: &Options) -> Result<(Network, Option<FuseReport>)> {
-    if !options.fuse {
-        return Ok((net.clone(), None));
-    }
-    let (fused, report) = fuse(net, &options.fuse_options)?;
-    Ok((fused, Some(report)))
 }
 
 fn plan(graph: &Graph, options: &Options) -> Schedule {

@@ -4,6 +4,7 @@
 //! example's plan passes the independent checker, and the planned bytes are
 //! what the executor allocates.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ldnc_codegen::cpu::lower;
@@ -17,8 +18,7 @@ use ldnc_runtime::kernels::KernelSet;
 use ldnc_runtime::store::Store;
 use proptest::prelude::*;
 
-/// The training graph of `spec` as the CLI compiles it, after the planner
-/// checker.
+/// Compiles the training graph of `spec` as the CLI does and checks its plan.
 fn planned_training(spec: &NetSpec, fused: bool) -> Planned {
     let options = pipeline::Options {
         fuse: fused,
@@ -32,6 +32,49 @@ fn planned_training(spec: &NetSpec, fused: bool) -> Planned {
 fn training_program(spec: &NetSpec, fused: bool) -> Program {
     let planned = planned_training(spec, fused);
     lower(&planned.graph, &planned.schedule, &planned.roots)
+}
+
+/// Compiles the training program of `spec` with one buffer per value, so every
+/// value of a step can be read after it.
+fn unshared_training_program(spec: &NetSpec, fused: bool) -> Program {
+    let options = pipeline::Options {
+        fuse: fused,
+        plan_memory: false,
+        ..Default::default()
+    };
+    let planned = pipeline::training(spec, &options).unwrap().planned;
+    lower(&planned.graph, &planned.schedule, &planned.roots)
+}
+
+/// Gradient of every parameter after the last step, by parameter name: the
+/// second operand of the parameter's SGD update.
+fn gradients(exec: &Executor, store: &Store) -> BTreeMap<String, Vec<f32>> {
+    let program = exec.program();
+    program
+        .steps
+        .iter()
+        .filter(|step| matches!(step.op, Op::SgdUpdate { .. }))
+        .map(|step| {
+            let name = program.values[step.inputs[0]].name.clone();
+            let grad = exec.value(store, step.inputs[1]).unwrap().to_vec();
+            (name, grad)
+        })
+        .collect()
+}
+
+fn assert_close(what: &str, unfused: &[f32], fused: &[f32]) -> Result<(), TestCaseError> {
+    prop_assert_eq!(unfused.len(), fused.len(), "{} lengths", what);
+    for (i, (a, b)) in unfused.iter().zip(fused).enumerate() {
+        prop_assert!(
+            (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+            "{}[{}]: unfused {} vs fused {}",
+            what,
+            i,
+            a,
+            b
+        );
+    }
+    Ok(())
 }
 
 const TEMPLATES: [&str; 8] = [
@@ -111,6 +154,100 @@ proptest! {
             for (a, b) in unfused.data.iter().zip(&fused.data) {
                 prop_assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{}: {} vs {}", name, a, b);
             }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// One step of the fused and the unfused program from the same weights:
+    /// the loss, every head's logits and every parameter's gradient agree, so
+    /// the forward and the backward rewrites preserve values.
+    #[test]
+    fn fused_and_unfused_gradients_agree(
+        template in 0..TEMPLATES.len(),
+        transition in 0..TRANSITIONS.len(),
+        bottleneck in any::<bool>(),
+        supervise in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let spec = small_spec(template, transition, bottleneck, supervise);
+        let n = 3;
+        let images = noise(n * 6 * 6 * 2, seed);
+        let labels: Vec<f32> = (0..n).map(|i| ((i + 1) % 3) as f32).collect();
+        let mut runs = Vec::new();
+        for fused in [false, true] {
+            let program = unshared_training_program(&spec, fused);
+            let mut store = Store::init(&[&program], seed);
+            let mut exec = Executor::new(program, n, KernelSet::Reference).unwrap();
+            exec.run(&mut store, &images, &labels, n, StepParams { lr: 0.05, seed: 0 }).unwrap();
+            let loss = exec.loss(&store).unwrap();
+            let logits: Vec<Vec<f32>> = exec
+                .program()
+                .logits
+                .iter()
+                .map(|&id| exec.value(&store, id).unwrap().to_vec())
+                .collect();
+            runs.push((loss, logits, gradients(&exec, &store)));
+        }
+        let (unfused, fused) = (&runs[0], &runs[1]);
+        assert_close("loss", &[unfused.0], &[fused.0])?;
+        prop_assert_eq!(unfused.1.len(), fused.1.len());
+        for (head, (a, b)) in unfused.1.iter().zip(&fused.1).enumerate() {
+            assert_close(&format!("logits of head {head}"), a, b)?;
+        }
+        prop_assert_eq!(unfused.2.len(), fused.2.len());
+        for (name, grad) in &unfused.2 {
+            assert_close(&format!("gradient of {name}"), grad, &fused.2[name])?;
+        }
+    }
+}
+
+/// The fused training program of every template stores no concatenation and
+/// no BN, ReLU or ReLU-backward output inside the blocks: every reader of those
+/// values reads the layer outputs through a fused op instead. The classifier
+/// heads (`head`, `aux0`) keep theirs, because global average pooling, not a
+/// convolution, reads their ReLU output.
+#[test]
+fn fused_training_stores_no_chain_values() {
+    let in_head = |name: &str| name.starts_with("head") || name.starts_with("aux");
+    for (template, transition, bottleneck) in (0..TEMPLATES.len())
+        .flat_map(|t| (0..TRANSITIONS.len()).map(move |tr| (t, tr)))
+        .flat_map(|(t, tr)| [(t, tr, false), (t, tr, true)])
+    {
+        {
+            let spec = small_spec(template, transition, bottleneck, true);
+            let program = training_program(&spec, true);
+            let chain: Vec<&str> = program
+                .steps
+                .iter()
+                .filter(|step| {
+                    matches!(
+                        step.op,
+                        Op::Concat | Op::BnApply { .. } | Op::Relu | Op::ReluBackward
+                    )
+                })
+                .map(|step| program.values[step.output].name.as_str())
+                .filter(|name| !in_head(name))
+                .collect();
+            assert!(
+                chain.is_empty(),
+                "{} with {} transitions (bottleneck {bottleneck}) stores {chain:?}",
+                TEMPLATES[template],
+                TRANSITIONS[transition]
+            );
+            let fused_backward = program
+                .steps
+                .iter()
+                .filter(|step| {
+                    matches!(
+                        step.op,
+                        Op::BnReluBackward { .. } | Op::BnReluConvBackwardFilter { .. }
+                    )
+                })
+                .count();
+            assert!(fused_backward > 0, "{}", TEMPLATES[template]);
         }
     }
 }

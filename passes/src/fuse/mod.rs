@@ -1,36 +1,45 @@
 //! Operator fusion with equality saturation (egg).
 //!
-//! The forward network goes into an e-graph whose root ties every output
-//! (losses, logits, running-statistics updates) together. The rules in `rules`
-//! add fused and reordered terms to the classes they match; a runner with
-//! iteration, node and time limits saturates the e-graph; extraction picks, per
-//! class, the term with the lowest cost (FLOPs plus weighted bytes written), and
-//! the result is turned back into a graph. Autodiff runs on the fused forward
-//! graph, so the backward of a fused op is the recomputing backward its VJP rule
-//! emits, and forward and backward are fused alike.
+//! The training graph (forward pass, backward pass, running-statistics and SGD
+//! updates, as autodiff builds them from the unfused network) goes into one
+//! e-graph whose root ties every output together. The rules in `rules` add
+//! fused and reordered forward terms to the classes they match. Those in
+//! `backward` add fused backward ops for the plain gradient terms of a
+//! BN-ReLU-conv chain, which recompute the normalised input from the layer
+//! outputs. A runner with iteration, node and time limits saturates the e-graph,
+//! extraction picks per class the term with the lowest cost (FLOPs plus
+//! weighted bytes written), and `extract` turns the result back into a graph.
+//! The evaluation network, which has no backward pass, goes through the same
+//! steps with `fuse`.
 //!
 //! ```
 //! use ldnc_ir::{expand, spec::NetSpec, Mode};
 //! let spec = NetSpec::from_ron("(blocks: [3, 3], growth: 4)", "inline").unwrap();
 //! let net = expand(&spec, Mode::Train).unwrap();
-//! let (fused, report) = ldnc_passes::fuse::fuse(&net, &Default::default()).unwrap();
-//! assert!(report.applied.iter().any(|(rule, n)| rule == "bn-relu-conv" && *n > 0));
-//! assert!(fused.graph.len() < net.graph.len());
+//! let training = ldnc_passes::autodiff::differentiate(&net, &spec.train).unwrap();
+//! let (fused, report) = ldnc_passes::fuse::fuse_training(&training, &Default::default()).unwrap();
+//! for rule in ["bn-relu-conv", "bn-relu-conv-filter", "bn-relu-backward"] {
+//!     assert!(report.applied.iter().any(|(r, n)| r == rule && *n > 0));
+//! }
+//! assert!(fused.graph.len() < training.graph.len());
 //! ```
 
+pub mod backward;
+pub mod extract;
 pub mod lang;
 pub mod rules;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use egg::{CostFunction, Extractor, Id, Rewrite, Runner};
+use egg::{Extractor, Id, Rewrite, Runner};
 use ldnc_ir::expand::{Head, Network};
 use ldnc_ir::graph::{Graph, ValueId};
-use ldnc_ir::op::Op;
 use serde::Serialize;
 
-use crate::{Error, Result};
+use crate::autodiff::TrainingGraph;
+use crate::Result;
+use extract::Cost;
 use lang::{has_identity, ENode, FuseGraph, Ops};
 
 /// Limits of one saturation run.
@@ -78,6 +87,12 @@ fn rewrites() -> Vec<Rewrite<ENode, Ops>> {
         )
         .expect("rule names are unique"),
         Rewrite::new(
+            "flatten-concat",
+            rules::Rule(rules::FlattenConcat),
+            rules::Rule(rules::FlattenConcat),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
             "stats-of-concat",
             rules::Rule(rules::StatsOfConcat),
             rules::Rule(rules::StatsOfConcat),
@@ -89,13 +104,95 @@ fn rewrites() -> Vec<Rewrite<ENode, Ops>> {
             rules::Rule(rules::PoolConv),
         )
         .expect("rule names are unique"),
+        Rewrite::new(
+            "bn-relu-conv-filter",
+            rules::Rule(backward::BnReluConvFilter),
+            rules::Rule(backward::BnReluConvFilter),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
+            "bn-relu-backward",
+            rules::Rule(backward::BnReluBackward),
+            rules::Rule(backward::BnReluBackward),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
+            "bn-relu-affine-grad",
+            rules::Rule(backward::BnReluAffineGrad),
+            rules::Rule(backward::BnReluAffineGrad),
+        )
+        .expect("rule names are unique"),
     ]
 }
 
-/// Fuses a forward network and returns it with a report.
+/// Fuses a forward network (the evaluation program) and returns it with a
+/// report.
 pub fn fuse(net: &Network, options: &FuseOptions) -> Result<(Network, FuseReport)> {
+    let mut keep = vec![net.image, net.label, net.loss];
+    for head in &net.heads {
+        keep.extend([head.logits, head.loss]);
+    }
+    let (graph, mapped, report) = fuse_graph(&net.graph, &keep, options)?;
+    let heads = net
+        .heads
+        .iter()
+        .enumerate()
+        .map(|(i, head)| Head {
+            name: head.name.clone(),
+            logits: mapped[3 + 2 * i],
+            loss: mapped[4 + 2 * i],
+            weight: head.weight,
+        })
+        .collect();
+    let fused = Network {
+        graph,
+        image: mapped[0],
+        label: mapped[1],
+        loss: mapped[2],
+        heads,
+        features: net.features.clone(),
+        mode: net.mode,
+    };
+    Ok((fused, report))
+}
+
+/// Fuses a training graph, forward and backward in one e-graph, and returns it
+/// with a report.
+pub fn fuse_training(
+    training: &TrainingGraph,
+    options: &FuseOptions,
+) -> Result<(TrainingGraph, FuseReport)> {
+    let mut keep = vec![training.image, training.label, training.loss];
+    keep.extend(&training.logits);
+    for &(param, grad) in &training.grads {
+        keep.extend([param, grad]);
+    }
+    let (graph, mapped, report) = fuse_graph(&training.graph, &keep, options)?;
+    let heads = training.logits.len();
+    let grads = mapped[3 + heads..]
+        .chunks(2)
+        .map(|pair| (pair[0], pair[1]))
+        .collect();
+    let fused = TrainingGraph {
+        graph,
+        image: mapped[0],
+        label: mapped[1],
+        loss: mapped[2],
+        logits: mapped[3..3 + heads].to_vec(),
+        grads,
+    };
+    Ok((fused, report))
+}
+
+/// Saturates the e-graph of `graph` and extracts it; returns the new graph,
+/// the new id of every value of `keep`, and the report.
+fn fuse_graph(
+    graph: &Graph,
+    keep: &[ValueId],
+    options: &FuseOptions,
+) -> Result<(Graph, Vec<ValueId>, FuseReport)> {
     let started = Instant::now();
-    let (egraph, class_of, root) = to_egraph(&net.graph);
+    let (egraph, class_of, root) = to_egraph(graph);
     // Every rule matches once per layer, so egg's default backoff scheduler would
     // ban them on deep networks; the simple scheduler applies every match.
     let runner = Runner::default()
@@ -127,42 +224,11 @@ pub fn fuse(net: &Network, options: &FuseOptions) -> Result<(Network, FuseReport
     }
 
     let egraph = &runner.egraph;
-    let cost = Cost {
-        egraph,
-        byte_weight: options.byte_weight,
-        shared: shared_classes(egraph),
-    };
-    let extractor = Extractor::new(egraph, cost);
-    let mut builder = Rebuild {
-        egraph,
-        extractor: &extractor,
-        graph: Graph::new(),
-        done: HashMap::new(),
-    };
-    let root_node = extractor.find_best_node(root).clone();
-    let mut outputs = Vec::new();
-    for &child in &root_node.children {
-        outputs.push(builder.build(child)?);
-    }
-    let map = |builder: &mut Rebuild, old: ValueId| builder.build(class_of[old.index()]);
-    let image = map(&mut builder, net.image)?;
-    let label = map(&mut builder, net.label)?;
-    let loss = map(&mut builder, net.loss)?;
-    let mut heads = Vec::new();
-    for h in &net.heads {
-        heads.push(Head {
-            name: h.name.clone(),
-            logits: map(&mut builder, h.logits)?,
-            loss: map(&mut builder, h.loss)?,
-            weight: h.weight,
-        });
-    }
-    let mut graph = builder.graph;
-    graph.outputs = outputs;
-
+    let extractor = Extractor::new(egraph, Cost::new(egraph, options.byte_weight));
+    let (fused, mapped) = extract::rebuild(egraph, &extractor, &class_of, root, keep)?;
     let report = FuseReport {
-        nodes_before: net.graph.len(),
-        nodes_after: graph.len(),
+        nodes_before: graph.len(),
+        nodes_after: fused.len(),
         eclasses: egraph.number_of_classes(),
         enodes: egraph.total_number_of_nodes(),
         iterations: runner.iterations.len(),
@@ -176,18 +242,9 @@ pub fn fuse(net: &Network, options: &FuseOptions) -> Result<(Network, FuseReport
         iterations = report.iterations,
         stop = %report.stop_reason,
         seconds = report.seconds,
-        "fused the forward graph"
+        "fused the graph"
     );
-    let fused = Network {
-        graph,
-        image,
-        label,
-        heads,
-        loss,
-        features: net.features.clone(),
-        mode: net.mode,
-    };
-    Ok((fused, report))
+    Ok((fused, mapped, report))
 }
 
 /// Adds every node of `graph` to a new e-graph; returns it, the class of each
@@ -216,129 +273,4 @@ fn to_egraph(graph: &Graph) -> (FuseGraph, Vec<Id>, Id) {
         children: outputs,
     });
     (egraph, class_of, root)
-}
-
-/// FLOPs plus weighted bytes written by a node and by the terms only it reads.
-///
-/// A term cost summed over a DAG counts shared operands once per reader, which
-/// grows exponentially with depth in a densely connected network and overflows.
-/// So a class read by more than one e-node contributes nothing to its readers'
-/// cost: it is computed once whatever the readers choose, and the comparison
-/// between alternatives only depends on what each alternative adds.
-struct Cost<'a> {
-    egraph: &'a FuseGraph,
-    byte_weight: f64,
-    shared: std::collections::HashSet<Id>,
-}
-
-/// Classes that more than one e-node reads.
-fn shared_classes(egraph: &FuseGraph) -> std::collections::HashSet<Id> {
-    let mut readers: HashMap<Id, usize> = HashMap::new();
-    for class in egraph.classes() {
-        for node in &class.nodes {
-            for &child in &node.children {
-                *readers.entry(egraph.find(child)).or_default() += 1;
-            }
-        }
-    }
-    readers
-        .into_iter()
-        .filter(|&(_, n)| n > 1)
-        .map(|(c, _)| c)
-        .collect()
-}
-
-impl CostFunction<ENode> for Cost<'_> {
-    type Cost = f64;
-
-    fn cost<C>(&mut self, enode: &ENode, mut costs: C) -> f64
-    where
-        C: FnMut(Id) -> f64,
-    {
-        let children: f64 = enode
-            .children
-            .iter()
-            .filter(|&&c| !self.shared.contains(&self.egraph.find(c)))
-            .map(|&c| costs(c))
-            .sum();
-        let Some(op) = self.egraph.analysis.op(enode) else {
-            return children;
-        };
-        let inputs: Vec<&ldnc_ir::TensorType> = enode
-            .children
-            .iter()
-            .map(|&c| &self.egraph[c].data.ty)
-            .collect();
-        // The class type is the op's output type for every node of the class.
-        let out = inputs_output(self.egraph, enode);
-        let flops = 2.0 * op.macs(&inputs, out) as f64;
-        let bytes = if matches!(op.role(), ldnc_ir::Role::Compute) {
-            4.0 * out.per_item() as f64
-        } else {
-            0.0
-        };
-        children + flops + self.byte_weight * bytes
-    }
-}
-
-fn inputs_output<'a>(egraph: &'a FuseGraph, enode: &ENode) -> &'a ldnc_ir::TensorType {
-    let class = egraph
-        .lookup(enode.clone())
-        .expect("extraction only costs nodes in the e-graph");
-    &egraph[class].data.ty
-}
-
-/// Turns extracted classes back into graph nodes, operands first.
-struct Rebuild<'a, 'b> {
-    egraph: &'a FuseGraph,
-    extractor: &'b Extractor<'a, Cost<'a>, ENode, Ops>,
-    graph: Graph,
-    done: HashMap<Id, ValueId>,
-}
-
-impl Rebuild<'_, '_> {
-    fn build(&mut self, class: Id) -> Result<ValueId> {
-        let class = self.egraph.find(class);
-        if let Some(&v) = self.done.get(&class) {
-            return Ok(v);
-        }
-        // Iterative post-order, so deep networks do not overflow the stack.
-        let mut stack = vec![(class, false)];
-        while let Some((c, expanded)) = stack.pop() {
-            if self.done.contains_key(&c) {
-                continue;
-            }
-            let node = self.extractor.find_best_node(c);
-            if !expanded {
-                stack.push((c, true));
-                for &child in node.children.iter().rev() {
-                    let child = self.egraph.find(child);
-                    if !self.done.contains_key(&child) {
-                        stack.push((child, false));
-                    }
-                }
-                continue;
-            }
-            let inputs: Vec<ValueId> = node
-                .children
-                .iter()
-                .map(|&ch| self.done[&self.egraph.find(ch)])
-                .collect();
-            let data = &self.egraph[c].data;
-            let entry = &self.egraph.analysis.table[node.op as usize];
-            let op: Op = entry.op.clone().ok_or_else(|| Error::Autodiff {
-                node: data.name.clone(),
-                message: "the fusion root was extracted below the root".into(),
-            })?;
-            let id = if inputs.is_empty() {
-                self.graph
-                    .add_typed(op, &[], data.name.clone(), data.ty.clone())
-            } else {
-                self.graph.add(op, &inputs, data.name.clone())?
-            };
-            self.graph.node_mut(id).layer = data.layer;
-            self.done.insert(c, id);
-        }
-        Ok(self.done[&class])
-    }
 }

@@ -5,6 +5,9 @@
 //!   without a concatenation) becomes `BnReluConv(x_1 .. x_m, s, a, w)`, which
 //!   reads each input from its own buffer; its gradient recomputes the
 //!   normalised, rectified input instead of storing it.
+//! - `flatten-concat`: a concatenation with a concatenation among its operands
+//!   becomes one concatenation of all their parts, so the inner one need not
+//!   be stored.
 //! - `stats-of-concat`: `BnStats(concat(x_1 .. x_m))` becomes
 //!   `ConcatStats(BnStats(x_1) .. BnStats(x_m))`, because per-channel statistics of
 //!   a concatenation are the statistics of its parts; hash-consing then computes
@@ -14,6 +17,7 @@
 //!   then runs on a quarter of the pixels.
 
 use egg::{Applier, Id, PatternAst, SearchMatches, Searcher, Subst, Symbol, Var};
+use ldnc_ir::graph::TensorType;
 use ldnc_ir::op::Op;
 
 use super::lang::{ENode, FuseGraph};
@@ -95,19 +99,41 @@ pub fn add(egraph: &mut FuseGraph, op: &Op, children: Vec<Id>) -> Id {
 }
 
 /// Nodes of `class` with their ops.
-fn nodes<'a>(egraph: &'a FuseGraph, class: Id) -> impl Iterator<Item = (&'a Op, &'a [Id])> + 'a {
+pub(super) fn nodes<'a>(
+    egraph: &'a FuseGraph,
+    class: Id,
+) -> impl Iterator<Item = (&'a Op, &'a [Id])> + 'a {
     egraph[class]
         .nodes
         .iter()
         .filter_map(move |n| egraph.analysis.op(n).map(|op| (op, n.children.as_slice())))
 }
 
-/// Returns the operands of a concatenation in `class`, or the class itself.
-fn parts(egraph: &FuseGraph, class: Id) -> Vec<Id> {
-    nodes(egraph, class)
-        .find(|(op, _)| matches!(op, Op::Concat))
-        .map(|(_, c)| c.to_vec())
-        .unwrap_or_else(|| vec![class])
+/// Returns the operands of a concatenation in `class`, with nested
+/// concatenations flattened (a concatenation of concatenations is the
+/// concatenation of their parts), or the class itself.
+pub(super) fn parts(egraph: &FuseGraph, class: Id) -> Vec<Id> {
+    let Some((_, children)) = nodes(egraph, class).find(|(op, _)| matches!(op, Op::Concat)) else {
+        return vec![class];
+    };
+    children.iter().flat_map(|&c| parts(egraph, c)).collect()
+}
+
+/// Reports whether `op(operands)` passes the op's shape rule and has the type
+/// of `class`, which a term must have to join the class.
+pub(super) fn fits(egraph: &FuseGraph, op: &Op, operands: &[Id], class: Id) -> bool {
+    let types: Vec<&TensorType> = operands.iter().map(|&c| &egraph[c].data.ty).collect();
+    match op.infer(&types) {
+        Ok(ty) => ty == egraph[class].data.ty,
+        Err(message) => {
+            tracing::debug!(
+                op = op.name(),
+                message,
+                "a fusion match does not fit its operands"
+            );
+            false
+        }
+    }
 }
 
 pub struct BnReluConv;
@@ -128,21 +154,49 @@ impl Fusion for BnReluConv {
                     let Op::BnApply { eps } = *bn else { continue };
                     let mut operands = parts(egraph, b[0]);
                     operands.extend([b[1], b[2], w]);
-                    found.push(Match {
-                        op: Op::BnReluConv {
-                            k,
-                            stride,
-                            pad,
-                            eps,
-                        },
-                        operands,
-                        inner: None,
-                    });
+                    let op = Op::BnReluConv {
+                        k,
+                        stride,
+                        pad,
+                        eps,
+                    };
+                    if fits(egraph, &op, &operands, class) {
+                        found.push(Match {
+                            op,
+                            operands,
+                            inner: None,
+                        });
+                    }
                 }
             }
         }
         found.truncate(1);
         found
+    }
+
+    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
+        add(egraph, &found.op, found.operands.clone())
+    }
+}
+
+pub struct FlattenConcat;
+
+impl Fusion for FlattenConcat {
+    fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {
+        for (op, children) in nodes(egraph, class) {
+            if !matches!(op, Op::Concat) {
+                continue;
+            }
+            let flat = parts(egraph, class);
+            if flat.len() > children.len() && fits(egraph, &Op::Concat, &flat, class) {
+                return vec![Match {
+                    op: Op::Concat,
+                    operands: flat,
+                    inner: None,
+                }];
+            }
+        }
+        Vec::new()
     }
 
     fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
@@ -159,6 +213,8 @@ impl Fusion for StatsOfConcat {
                 continue;
             }
             let xs = parts(egraph, children[0]);
+            // The parts' channels add up to the concatenation's by its shape
+            // rule, so the concatenated statistics have the class's type.
             if xs.len() > 1 {
                 return vec![Match {
                     op: Op::ConcatStats,
@@ -204,6 +260,8 @@ impl Fusion for PoolConv {
                 continue;
             }
             for (inner, c) in nodes(egraph, children[0]) {
+                // A 1x1 conv keeps the spatial size, so pooling its input
+                // gives the shape of the pooled output.
                 if *inner == CONV1 {
                     return vec![Match {
                         op: CONV1,

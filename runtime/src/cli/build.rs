@@ -45,8 +45,8 @@ pub struct BuildArgs {
     /// Backends to compile for. The CPU programs are always included.
     #[arg(long, value_enum, default_value = "cpu")]
     pub target: TargetArg,
-    /// Also write, next to the output: `graph` (the forward and training graphs
-    /// as Graphviz DOT), `program` (the scheduled training program as text),
+    /// Also write, next to the output: `graph` (the expanded forward graph and
+    /// the fused training graph as Graphviz DOT), `program` (the scheduled training program as text),
     /// `cuda` (the CUDA C of the training and evaluation kernels).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "WHAT")]
     pub emit: Vec<Emit>,
@@ -401,9 +401,6 @@ fn print_explanation(
     };
     let expanded = &stages.pipeline.expanded;
     let differentiated = &stages.pipeline.differentiated;
-    let forward_len = fusion
-        .first()
-        .map_or(expanded.len(), |report| report.nodes_after);
 
     println!("pipeline of {}", spec.name);
     println!(
@@ -412,15 +409,14 @@ fn print_explanation(
         count(expanded, Role::Param),
         count(expanded, Role::State)
     );
-    print_fusion(fusion);
-
     println!(
         "  autodiff    training graph: {} nodes ({} added for gradients and updates, {} of them \
          optimizer and running-statistics updates)",
         differentiated.len(),
-        differentiated.len().saturating_sub(forward_len),
+        differentiated.len().saturating_sub(expanded.len()),
         count(differentiated, Role::Update)
     );
+    print_fusion(fusion);
     for (stage, program) in [("training", &net.train), ("evaluation", &net.eval)] {
         println!(
             "  schedule    {stage} program: {} steps over {} values in {} buffers",
@@ -460,7 +456,7 @@ fn print_fusion(fusion: &[FuseReport]) {
             .map(|(rule, times)| format!("{rule} x{times}"))
             .collect();
         println!(
-            "  fuse        {graph} forward graph: {} -> {} nodes after {} iterations ({}); {}",
+            "  fuse        {graph} graph: {} -> {} nodes after {} iterations ({}); {}",
             report.nodes_before,
             report.nodes_after,
             report.iterations,

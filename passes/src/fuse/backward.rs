@@ -1,0 +1,250 @@
+//! The backward fusion rewrites. Autodiff differentiates the unfused network,
+//! so the gradient of `conv(relu(bn(concat(x_1 .. x_m), s, a)), w)` reads the
+//! concatenation `c`, the BN output `b` and the ReLU output `z`. These rules add
+//! fused terms that read the layer outputs `x_i` instead and recompute `c`, `b`
+//! and `z` while loading. Once every reader has a fused term, extraction stores
+//! none of the three.
+//!
+//! - `bn-relu-conv-filter`: `Conv2dBackwardFilter(z, dy)` becomes
+//!   `BnReluConvBackwardFilter(x_1 .. x_m, s, a, dy)`.
+//! - `bn-relu-backward`: `BnBackward(c, s, a, ReluBackward(b, dz))` becomes
+//!   `BnReluBackward(x_1 .. x_m, s, a, dz)`, so the ReLU mask is applied inside
+//!   the BN backward. The slices that autodiff takes of the concatenation's
+//!   gradient then read the fused gradient.
+//! - `bn-relu-affine-grad`: `BnAffineGrad(c, s, ReluBackward(b, dz))` becomes
+//!   `BnReluAffineGrad(x_1 .. x_m, s, a, dz)`.
+//!
+//! Each rule checks that `b` is `BnApply(c, s, a)` with the same statistics,
+//! affine parameters and epsilon as the op it replaces, and that the fused op's
+//! shape rule gives the class's type.
+
+use egg::Id;
+use ldnc_ir::op::Op;
+
+use super::lang::FuseGraph;
+use super::rules::{add, fits, nodes, parts, Fusion, Match};
+
+/// `(c, s, a)` of every `BnApply { eps }` node in `class`.
+fn bn_applies(egraph: &FuseGraph, class: Id, eps: f32) -> Vec<[Id; 3]> {
+    nodes(egraph, class)
+        .filter(|(op, _)| matches!(op, Op::BnApply { eps: e } if *e == eps))
+        .map(|(_, children)| [children[0], children[1], children[2]])
+        .collect()
+}
+
+/// `(b, dz)` of every `ReluBackward` node in `class`.
+fn relu_backwards(egraph: &FuseGraph, class: Id) -> Vec<[Id; 2]> {
+    nodes(egraph, class)
+        .filter(|(op, _)| matches!(op, Op::ReluBackward))
+        .map(|(_, children)| [children[0], children[1]])
+        .collect()
+}
+
+/// Keeps the first match whose op fits `class`.
+fn first_fit(egraph: &FuseGraph, class: Id, candidates: Vec<Match>) -> Vec<Match> {
+    candidates
+        .into_iter()
+        .find(|m| fits(egraph, &m.op, &m.operands, class))
+        .into_iter()
+        .collect()
+}
+
+/// Returns the operands `(x_1 .. x_m, s, a, last)` of a fused BN-ReLU op.
+fn fused_operands(egraph: &FuseGraph, c: Id, s: Id, a: Id, last: Id) -> Vec<Id> {
+    let mut operands = parts(egraph, c);
+    operands.extend([s, a, last]);
+    operands
+}
+
+pub struct BnReluConvFilter;
+
+impl Fusion for BnReluConvFilter {
+    fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {
+        let mut candidates = Vec::new();
+        for (op, children) in nodes(egraph, class) {
+            let Op::Conv2dBackwardFilter { k, stride, pad } = *op else {
+                continue;
+            };
+            let (z, dy) = (children[0], children[1]);
+            for (relu, r) in nodes(egraph, z) {
+                if !matches!(relu, Op::Relu) {
+                    continue;
+                }
+                for (bn, b) in nodes(egraph, r[0]) {
+                    let Op::BnApply { eps } = *bn else { continue };
+                    candidates.push(Match {
+                        op: Op::BnReluConvBackwardFilter {
+                            k,
+                            stride,
+                            pad,
+                            eps,
+                        },
+                        operands: fused_operands(egraph, b[0], b[1], b[2], dy),
+                        inner: None,
+                    });
+                }
+            }
+        }
+        first_fit(egraph, class, candidates)
+    }
+
+    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
+        add(egraph, &found.op, found.operands.clone())
+    }
+}
+
+pub struct BnReluBackward;
+
+impl Fusion for BnReluBackward {
+    fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {
+        let mut candidates = Vec::new();
+        for (op, children) in nodes(egraph, class) {
+            let Op::BnBackward { eps } = *op else {
+                continue;
+            };
+            let [c, s, a, dr] = [children[0], children[1], children[2], children[3]];
+            for [b, dz] in relu_backwards(egraph, dr) {
+                let same = bn_applies(egraph, b, eps)
+                    .into_iter()
+                    .any(|bn| bn.map(|id| egraph.find(id)) == [c, s, a].map(|id| egraph.find(id)));
+                if same {
+                    candidates.push(Match {
+                        op: Op::BnReluBackward { eps },
+                        operands: fused_operands(egraph, c, s, a, dz),
+                        inner: None,
+                    });
+                }
+            }
+        }
+        first_fit(egraph, class, candidates)
+    }
+
+    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
+        add(egraph, &found.op, found.operands.clone())
+    }
+}
+
+pub struct BnReluAffineGrad;
+
+impl Fusion for BnReluAffineGrad {
+    fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {
+        let mut candidates = Vec::new();
+        for (op, children) in nodes(egraph, class) {
+            let Op::BnAffineGrad { eps } = *op else {
+                continue;
+            };
+            let [c, s, dr] = [children[0], children[1], children[2]];
+            for [b, dz] in relu_backwards(egraph, dr) {
+                // The affine parameters are not an operand of the affine
+                // gradient, so they come from the BN apply the ReLU reads.
+                for [bc, bs, a] in bn_applies(egraph, b, eps) {
+                    if egraph.find(bc) == egraph.find(c) && egraph.find(bs) == egraph.find(s) {
+                        candidates.push(Match {
+                            op: Op::BnReluAffineGrad { eps },
+                            operands: fused_operands(egraph, c, s, a, dz),
+                            inner: None,
+                        });
+                    }
+                }
+            }
+        }
+        first_fit(egraph, class, candidates)
+    }
+
+    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
+        add(egraph, &found.op, found.operands.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ldnc_ir::graph::{Graph, TensorType};
+    use ldnc_ir::op::{Init, Op};
+    use ldnc_ir::spec::NetSpec;
+    use ldnc_ir::{expand, Mode};
+
+    use crate::autodiff::{differentiate, TrainingGraph};
+    use crate::fuse::fuse_training;
+
+    fn count(graph: &Graph, wanted: fn(&Op) -> bool) -> usize {
+        graph.ids().filter(|&id| wanted(&graph.node(id).op)).count()
+    }
+
+    #[test]
+    fn dense_block_backward_is_fully_fused() {
+        let spec = NetSpec::from_ron("(blocks: [4], growth: 4, bottleneck: Some(2))", "t").unwrap();
+        let net = expand(&spec, Mode::Train).unwrap();
+        let training = differentiate(&net, &spec.train).unwrap();
+        let (fused, report) = fuse_training(&training, &Default::default()).unwrap();
+        let graph = &fused.graph;
+
+        assert_eq!(count(graph, |op| matches!(op, Op::BnBackward { .. })), 0);
+        assert_eq!(count(graph, |op| matches!(op, Op::BnAffineGrad { .. })), 0);
+        assert_eq!(count(graph, |op| matches!(op, Op::ReluBackward)), 0);
+        // Only the stem conv, which reads the image, keeps a plain filter gradient.
+        let plain = count(graph, |op| matches!(op, Op::Conv2dBackwardFilter { .. }));
+        assert_eq!(plain, 1);
+        let convs = count(graph, |op| matches!(op, Op::BnReluConv { .. }));
+        let filters = count(graph, |op| {
+            matches!(op, Op::BnReluConvBackwardFilter { .. })
+        });
+        assert_eq!(convs, 8);
+        assert_eq!(filters, convs);
+        for rule in [
+            "bn-relu-conv-filter",
+            "bn-relu-backward",
+            "bn-relu-affine-grad",
+        ] {
+            let fired = report.applied.iter().find(|(r, _)| r == rule);
+            assert!(fired.is_some_and(|&(_, n)| n > 0), "{rule} did not fire");
+        }
+    }
+
+    /// `BnBackward(x, t, a, ReluBackward(BnApply(x, s, a), dz))` with two
+    /// different statistics `s` and `t`, or the same statistics when `same`.
+    fn mismatched_mask(same: bool) -> TrainingGraph {
+        let mut g = Graph::new();
+        let image = g.add_typed(Op::Image, &[], "image", TensorType::batched(&[4, 4, 3]));
+        let label = g.add_typed(Op::Label, &[], "label", TensorType::batched(&[]));
+        let affine = g.add_typed(
+            Op::Param {
+                init: Init::BnAffine,
+            },
+            &[],
+            "affine",
+            TensorType::fixed(&[2, 3]),
+        );
+        let stats = g.add(Op::BnStats, &[image], "stats").unwrap();
+        let scaled = g
+            .add(Op::Scale { factor: 2.0 }, &[image], "scaled")
+            .unwrap();
+        let other = g.add(Op::BnStats, &[scaled], "other").unwrap();
+        let eps = 1e-5;
+        let bn = g
+            .add(Op::BnApply { eps }, &[image, stats, affine], "bn")
+            .unwrap();
+        let mask = g.add(Op::ReluBackward, &[bn, scaled], "mask").unwrap();
+        let used = if same { stats } else { other };
+        let dx = g
+            .add(Op::BnBackward { eps }, &[image, used, affine, mask], "dx")
+            .unwrap();
+        g.outputs = vec![dx];
+        TrainingGraph {
+            graph: g,
+            image,
+            label,
+            loss: dx,
+            logits: Vec::new(),
+            grads: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn relu_mask_of_another_bn_is_not_fused() {
+        for same in [false, true] {
+            let (fused, _) = fuse_training(&mismatched_mask(same), &Default::default()).unwrap();
+            let merged = count(&fused.graph, |op| matches!(op, Op::BnReluBackward { .. }));
+            assert_eq!(merged, usize::from(same), "same statistics: {same}");
+        }
+    }
+}
