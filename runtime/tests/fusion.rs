@@ -204,51 +204,66 @@ proptest! {
     }
 }
 
-/// The fused training program of every template stores no concatenation and
-/// no BN, ReLU or ReLU-backward output inside the blocks: every reader of those
-/// values reads the layer outputs through a fused op instead. The classifier
-/// heads (`head`, `aux0`) keep theirs, because global average pooling, not a
-/// convolution, reads their ReLU output.
+/// No backward step of the fused training program of any template reads a
+/// concatenation, BN or ReLU output, and no ReLU-backward mask is stored. The
+/// fused backward ops recompute those from the layer outputs, so none of them
+/// lives from the forward into the backward pass. The backward pass starts at
+/// the first softmax cross-entropy gradient, because the fused graph keeps
+/// autodiff's order.
 #[test]
-fn fused_training_stores_no_chain_values() {
-    let in_head = |name: &str| name.starts_with("head") || name.starts_with("aux");
-    for (template, transition, bottleneck) in (0..TEMPLATES.len())
+fn backward_reads_no_chain_values() {
+    let cases = (0..TEMPLATES.len())
         .flat_map(|t| (0..TRANSITIONS.len()).map(move |tr| (t, tr)))
-        .flat_map(|(t, tr)| [(t, tr, false), (t, tr, true)])
-    {
-        {
-            let spec = small_spec(template, transition, bottleneck, true);
-            let program = training_program(&spec, true);
-            let chain: Vec<&str> = program
-                .steps
-                .iter()
-                .filter(|step| {
-                    matches!(
-                        step.op,
-                        Op::Concat | Op::BnApply { .. } | Op::Relu | Op::ReluBackward
-                    )
-                })
-                .map(|step| program.values[step.output].name.as_str())
-                .filter(|name| !in_head(name))
-                .collect();
-            assert!(
-                chain.is_empty(),
-                "{} with {} transitions (bottleneck {bottleneck}) stores {chain:?}",
-                TEMPLATES[template],
-                TRANSITIONS[transition]
-            );
-            let fused_backward = program
-                .steps
-                .iter()
-                .filter(|step| {
-                    matches!(
-                        step.op,
-                        Op::BnReluBackward { .. } | Op::BnReluConvBackwardFilter { .. }
-                    )
-                })
-                .count();
-            assert!(fused_backward > 0, "{}", TEMPLATES[template]);
+        .flat_map(|(t, tr)| [(t, tr, false), (t, tr, true)]);
+    for (template, transition, bottleneck) in cases {
+        let case = format!(
+            "{} with {} transitions (bottleneck {bottleneck})",
+            TEMPLATES[template], TRANSITIONS[transition]
+        );
+        let spec = small_spec(template, transition, bottleneck, true);
+        let program = training_program(&spec, true);
+        let mut writer = vec![None; program.values.len()];
+        for step in &program.steps {
+            writer[step.output] = Some(&step.op);
         }
+        let is_chain = |value: usize| {
+            matches!(
+                writer[value],
+                Some(Op::Concat | Op::BnApply { .. } | Op::Relu | Op::ReluBackward)
+            )
+        };
+        let backward_start = program
+            .steps
+            .iter()
+            .position(|step| matches!(step.op, Op::SoftmaxCrossEntropyBackward { .. }))
+            .expect("a training program has a loss gradient");
+
+        for step in &program.steps[backward_start..] {
+            let read: Vec<&str> = step
+                .inputs
+                .iter()
+                .filter(|&&v| is_chain(v))
+                .map(|&v| program.values[v].name.as_str())
+                .collect();
+            assert!(read.is_empty(), "{case}: {} reads {read:?}", step.op.name());
+        }
+        let masks = program
+            .steps
+            .iter()
+            .filter(|step| matches!(step.op, Op::ReluBackward))
+            .count();
+        assert_eq!(masks, 0, "{case}");
+        let fused_backward = program
+            .steps
+            .iter()
+            .filter(|step| {
+                matches!(
+                    step.op,
+                    Op::BnReluBackward { .. } | Op::BnReluConvBackwardFilter { .. }
+                )
+            })
+            .count();
+        assert!(fused_backward > 0, "{case}");
     }
 }
 

@@ -17,6 +17,20 @@
 //! Each rule checks that `b` is `BnApply(c, s, a)` with the same statistics,
 //! affine parameters and epsilon as the op it replaces, and that the fused op's
 //! shape rule gives the class's type.
+//!
+//! Two more rules carry the forward `pool-conv` reordering (a 1x1 conv
+//! commutes with 2x2 average pooling) into the backward pass, where the
+//! gradient of `avgpool(conv1x1(z, w))` is otherwise computed at full
+//! resolution. With `dconv = AvgPoolBackward(dy)`:
+//!
+//! - `pool-conv-filter`: `Conv2dBackwardFilter(z, dconv)` becomes
+//!   `Conv2dBackwardFilter(avgpool(z), dy)`, because the pool backward spreads
+//!   `dy / 4` over each window, so summing `z * dconv` over a window sums
+//!   `avgpool(z) * dy`. Pixels outside every window get no gradient either way.
+//! - `pool-conv-data`: `Conv2dBackwardData(dconv, w)` becomes
+//!   `AvgPoolBackward(Conv2dBackwardData(dy, w))`, because the 1x1 data
+//!   gradient mixes channels per pixel and the pool backward is linear per
+//!   channel.
 
 use egg::Id;
 use ldnc_ir::op::Op;
@@ -156,6 +170,142 @@ impl Fusion for BnReluAffineGrad {
     }
 }
 
+/// `(dy, in_h, in_w)` of every 2x2, stride-2 `AvgPoolBackward` node in `class`.
+fn pool2_backwards(egraph: &FuseGraph, class: Id) -> Vec<(Id, usize, usize)> {
+    nodes(egraph, class)
+        .filter_map(|(op, children)| match *op {
+            Op::AvgPoolBackward {
+                k: 2,
+                stride: 2,
+                pad: 0,
+                in_h,
+                in_w,
+            } => Some((children[0], in_h, in_w)),
+            _ => None,
+        })
+        .collect()
+}
+
+const POOL2: Op = Op::AvgPool {
+    k: 2,
+    stride: 2,
+    pad: 0,
+};
+
+pub struct PoolConvFilter;
+
+impl Fusion for PoolConvFilter {
+    fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {
+        for (op, children) in nodes(egraph, class) {
+            let Op::Conv2dBackwardFilter {
+                k: 1,
+                stride: 1,
+                pad: 0,
+            } = *op
+            else {
+                continue;
+            };
+            let (z, dconv) = (children[0], children[1]);
+            for (dy, _, _) in pool2_backwards(egraph, dconv) {
+                let pooled = POOL2.infer(&[&egraph[z].data.ty]);
+                let dy_ty = &egraph[dy].data.ty;
+                // The rewrite holds only where the pooled input has the
+                // spatial size of `dy`.
+                if pooled.is_ok_and(|p| p.dims[..2] == dy_ty.dims[..2]) {
+                    return vec![Match {
+                        op: op.clone(),
+                        operands: vec![z, dy],
+                        inner: Some(POOL2),
+                    }];
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
+        let [z, dy] = [found.operands[0], found.operands[1]];
+        let pool = found
+            .inner
+            .as_ref()
+            .expect("pool-conv-filter records the pool");
+        let outer = egraph.analysis.next_name.take();
+        let name = format!("{}.pool", egraph[z].data.name);
+        egraph.analysis.next_name = Some((name, egraph[z].data.layer));
+        let pooled = add(egraph, pool, vec![z]);
+        egraph.analysis.next_name = outer;
+        add(egraph, &found.op, vec![pooled, dy])
+    }
+}
+
+pub struct PoolConvData;
+
+impl Fusion for PoolConvData {
+    fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {
+        for (op, children) in nodes(egraph, class) {
+            let Op::Conv2dBackwardData {
+                k: 1,
+                stride: 1,
+                pad: 0,
+                ..
+            } = *op
+            else {
+                continue;
+            };
+            let (dconv, w) = (children[0], children[1]);
+            for (dy, in_h, in_w) in pool2_backwards(egraph, dconv) {
+                let dims = &egraph[dy].data.ty.dims;
+                if dims.len() != 3 {
+                    continue;
+                }
+                let inner = Op::Conv2dBackwardData {
+                    k: 1,
+                    stride: 1,
+                    pad: 0,
+                    in_h: dims[0],
+                    in_w: dims[1],
+                };
+                let types = [&egraph[dy].data.ty, &egraph[w].data.ty];
+                let Ok(inner_ty) = inner.infer(&types) else {
+                    continue;
+                };
+                let outer = Op::AvgPoolBackward {
+                    k: 2,
+                    stride: 2,
+                    pad: 0,
+                    in_h,
+                    in_w,
+                };
+                if outer
+                    .infer(&[&inner_ty])
+                    .is_ok_and(|ty| ty == egraph[class].data.ty)
+                {
+                    return vec![Match {
+                        op: outer,
+                        operands: vec![dy, w],
+                        inner: Some(inner),
+                    }];
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
+        let inner = found
+            .inner
+            .as_ref()
+            .expect("pool-conv-data records the conv");
+        let outer = egraph.analysis.next_name.take();
+        let dy = found.operands[0];
+        let name = format!("{}.pooled_dx", egraph[dy].data.name);
+        egraph.analysis.next_name = Some((name, egraph[dy].data.layer));
+        let data = add(egraph, inner, found.operands.clone());
+        egraph.analysis.next_name = outer;
+        add(egraph, &found.op, vec![data])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ldnc_ir::graph::{Graph, TensorType};
@@ -197,6 +347,44 @@ mod tests {
         ] {
             let fired = report.applied.iter().find(|(r, _)| r == rule);
             assert!(fired.is_some_and(|&(_, n)| n > 0), "{rule} did not fire");
+        }
+    }
+
+    #[test]
+    fn transition_gradients_run_after_pooling() {
+        let spec = NetSpec::from_ron(
+            "(blocks: [2, 2], growth: 4, transition: Classic(compression: 0.5))",
+            "t",
+        )
+        .unwrap();
+        let net = expand(&spec, Mode::Train).unwrap();
+        let training = differentiate(&net, &spec.train).unwrap();
+        let (fused, report) = fuse_training(&training, &Default::default()).unwrap();
+        let graph = &fused.graph;
+
+        for rule in ["pool-conv", "pool-conv-filter", "pool-conv-data"] {
+            let fired = report.applied.iter().find(|(r, _)| r == rule);
+            assert!(fired.is_some_and(|&(_, n)| n > 0), "{rule} did not fire");
+        }
+        // No 1x1 conv gradient reads the full-resolution gradient that the
+        // pool backward spreads out.
+        for id in graph.ids() {
+            let node = graph.node(id);
+            if !matches!(
+                node.op,
+                Op::Conv2dBackwardData { k: 1, .. } | Op::Conv2dBackwardFilter { k: 1, .. }
+            ) {
+                continue;
+            }
+            for input in graph.inputs(id) {
+                let op = &graph.node(input).op;
+                assert!(
+                    !matches!(op, Op::AvgPoolBackward { .. }),
+                    "{} reads {}",
+                    node.name,
+                    graph.node(input).name
+                );
+            }
         }
     }
 

@@ -26,6 +26,11 @@ use crate::{Error, Result};
 /// is a class of element-wise chain values (concatenation, BN apply, ReLU and
 /// ReLU backward outputs): a fused op recomputes those from its own operands,
 /// so each reader that does not recompute them pays for writing them.
+///
+/// NOTE: the cost ignores how long a value stays live. A shared class also
+/// hides the chain values it reads, so the pooled transition input that the
+/// `pool-conv` and `pool-conv-filter` terms share looks free to both, and it
+/// is stored from the forward into the backward pass.
 pub struct Cost<'a> {
     egraph: &'a FuseGraph,
     byte_weight: f64,
@@ -126,9 +131,9 @@ fn class_type<'a>(egraph: &'a FuseGraph, enode: &ENode) -> &'a TensorType {
 }
 
 /// Builds the graph of the terms `extractor` picks for the operands of `root`
-/// and for the classes of `keep`; returns it with the output list set and the
-/// new id of every value in `keep`. `class_of` is the class of every source
-/// node, in source order.
+/// and for the classes of `keep`. Returns the graph, with the operands of
+/// `root` as its outputs, and the new id of every value in `keep`. `class_of`
+/// is the class of every source node, in source order.
 pub fn rebuild<'a>(
     egraph: &'a FuseGraph,
     extractor: &Extractor<'a, Cost<'a>, ENode, super::lang::Ops>,

@@ -122,6 +122,18 @@ fn rewrites() -> Vec<Rewrite<ENode, Ops>> {
             rules::Rule(backward::BnReluAffineGrad),
         )
         .expect("rule names are unique"),
+        Rewrite::new(
+            "pool-conv-filter",
+            rules::Rule(backward::PoolConvFilter),
+            rules::Rule(backward::PoolConvFilter),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
+            "pool-conv-data",
+            rules::Rule(backward::PoolConvData),
+            rules::Rule(backward::PoolConvData),
+        )
+        .expect("rule names are unique"),
     ]
 }
 
