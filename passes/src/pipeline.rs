@@ -1,6 +1,7 @@
 //! The pass half of the compiler, in one place: expand a spec, differentiate
-//! the unfused network, fuse the whole training graph and plan memory. Lowering to a program is codegen's part and
-//! takes the `Planned` graph this module returns.
+//! the unfused network, fuse the whole training graph and plan memory.
+//! Lowering to a program is codegen's part and takes the `Planned` graph this
+//! module returns.
 //!
 //! ```
 //! use ldnc_ir::spec::NetSpec;
