@@ -20,7 +20,7 @@ pub fn lower(graph: &Graph, schedule: &Schedule, roots: &Roots) -> Program {
         let storage = schedule.storage[id.index()];
         let init = match node.op {
             Op::Param { init } | Op::State { init } => Some(init),
-            Op::Velocity => Some(ldnc_ir::Init::Zeros),
+            Op::Velocity | Op::MeanSquare => Some(ldnc_ir::Init::Zeros),
             _ => None,
         };
         // An update writes its first operand, so its value carries that name.

@@ -44,7 +44,7 @@ pub enum Role {
     Param,
     /// Non-trainable state saved with the parameters (running statistics).
     State,
-    /// Optimizer state saved with checkpoints (SGD velocity).
+    /// Optimizer state saved with checkpoints (SGD velocity, RMSprop mean square).
     OptState,
     /// An ordinary computed value.
     Compute,
@@ -67,6 +67,9 @@ pub enum Op {
     },
     /// SGD velocity of the parameter with the same shape.
     Velocity,
+    /// RMSprop's running mean of the squared gradient of the parameter with
+    /// the same shape.
+    MeanSquare,
 
     // ---- forward
     Conv2d {
@@ -241,6 +244,15 @@ pub enum Op {
         weight_decay: f32,
         nesterov: bool,
     },
+    /// RMSprop with weight decay, operands `(param, grad, mean_square)`:
+    /// `g = grad + wd * p`, `s = decay * s + (1 - decay) * g^2`, then
+    /// `p -= lr * g / (sqrt(s) + eps)`. The learning rate comes from the
+    /// executor at every step.
+    RmsPropUpdate {
+        decay: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
 }
 
 fn out_size(input: usize, k: usize, stride: usize, pad: usize) -> Option<usize> {
@@ -341,6 +353,7 @@ impl Op {
             Op::Param { .. } => "param",
             Op::State { .. } => "state",
             Op::Velocity => "velocity",
+            Op::MeanSquare => "mean_square",
             Op::Conv2d { .. } => "conv2d",
             Op::ConvTranspose2d { .. } => "conv_transpose2d",
             Op::BnStats => "bn_stats",
@@ -380,6 +393,7 @@ impl Op {
             Op::BnReluAffineGrad { .. } => "bn_relu_affine_grad",
             Op::BnRunningUpdate { .. } => "bn_running_update",
             Op::SgdUpdate { .. } => "sgd_update",
+            Op::RmsPropUpdate { .. } => "rmsprop_update",
         }
     }
 
@@ -389,8 +403,10 @@ impl Op {
             Op::Label => Role::Label,
             Op::Param { .. } => Role::Param,
             Op::State { .. } => Role::State,
-            Op::Velocity => Role::OptState,
-            Op::BnRunningUpdate { .. } | Op::SgdUpdate { .. } => Role::Update,
+            Op::Velocity | Op::MeanSquare => Role::OptState,
+            Op::BnRunningUpdate { .. } | Op::SgdUpdate { .. } | Op::RmsPropUpdate { .. } => {
+                Role::Update
+            }
             _ => Role::Compute,
         }
     }
@@ -398,9 +414,12 @@ impl Op {
     /// Infers the output type from the operand types, or returns why they do not fit.
     pub fn infer(&self, t: &[&TensorType]) -> Result<TensorType, String> {
         match self {
-            Op::Image | Op::Label | Op::Param { .. } | Op::State { .. } | Op::Velocity => {
-                Err("leaf ops are added with an explicit type".into())
-            }
+            Op::Image
+            | Op::Label
+            | Op::Param { .. }
+            | Op::State { .. }
+            | Op::Velocity
+            | Op::MeanSquare => Err("leaf ops are added with an explicit type".into()),
             Op::Conv2d { k, stride, pad } => {
                 expect_arity(t, 2)?;
                 expect_rank(t[0], 3, "input")?;
@@ -629,11 +648,11 @@ impl Op {
                 expect_arity(t, 2)?;
                 Ok(t[0].clone())
             }
-            Op::SgdUpdate { .. } => {
+            Op::SgdUpdate { .. } | Op::RmsPropUpdate { .. } => {
                 expect_arity(t, 3)?;
                 if t[0] != t[1] || t[0] != t[2] {
                     return Err(format!(
-                        "parameter {}, gradient {} and velocity {} differ",
+                        "parameter {}, gradient {} and optimizer state {} differ",
                         t[0], t[1], t[2]
                     ));
                 }

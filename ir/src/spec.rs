@@ -169,6 +169,9 @@ pub struct NetSpec {
 pub struct TrainSpec {
     #[serde(default = "default_lr")]
     pub lr: f64,
+    /// The update rule. `momentum` and `nesterov` apply to SGD only.
+    #[serde(default)]
+    pub optimizer: Optimizer,
     #[serde(default = "default_momentum")]
     pub momentum: f64,
     #[serde(default)]
@@ -188,8 +191,26 @@ pub struct TrainSpec {
     pub flip: bool,
 }
 
+/// The optimizer that updates the parameters from their gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub enum Optimizer {
+    /// SGD with the train section's `momentum`, Nesterov's when `nesterov`
+    /// is set, and weight decay.
+    #[default]
+    Sgd,
+    /// RMSprop with weight decay: each parameter's step is divided by the
+    /// root of a running mean of its squared gradients,
+    /// `s = decay * s + (1 - decay) * g^2`, `p -= lr * g / (sqrt(s) + eps)`.
+    RmsProp {
+        #[serde(default = "default_rmsprop_decay")]
+        decay: f64,
+        #[serde(default = "default_rmsprop_eps")]
+        eps: f64,
+    },
+}
+
 /// Learning-rate schedule over the whole run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub enum LrSchedule {
     /// Divide by 10 after 1/2 and after 3/4 of the iterations.
     #[default]
@@ -198,12 +219,15 @@ pub enum LrSchedule {
     Cosine,
     /// Constant rate.
     Constant,
+    /// Multiply the rate by `decay` after every epoch: `lr * decay^epoch`.
+    Exponential { decay: f64 },
 }
 
 impl Default for TrainSpec {
     fn default() -> Self {
         TrainSpec {
             lr: default_lr(),
+            optimizer: Optimizer::Sgd,
             momentum: default_momentum(),
             nesterov: false,
             weight_decay: default_weight_decay(),
@@ -267,6 +291,12 @@ fn default_lr() -> f64 {
 }
 fn default_momentum() -> f64 {
     0.9
+}
+fn default_rmsprop_decay() -> f64 {
+    0.9
+}
+fn default_rmsprop_eps() -> f64 {
+    1e-6
 }
 fn default_weight_decay() -> f64 {
     1e-4
@@ -383,6 +413,28 @@ impl NetSpec {
                 "growth",
                 "must be at least 1 (the paper uses 12 to 48)".into(),
             );
+        }
+        if let Optimizer::RmsProp { decay, eps } = self.train.optimizer {
+            if !(0.0..1.0).contains(&decay) {
+                return invalid(
+                    "train.optimizer.decay",
+                    format!("is {decay}; RMSprop's decay must be in [0, 1), e.g. 0.9"),
+                );
+            }
+            if eps.is_nan() || eps <= 0.0 {
+                return invalid(
+                    "train.optimizer.eps",
+                    format!("is {eps}; it must be positive, e.g. 1e-6"),
+                );
+            }
+        }
+        if let LrSchedule::Exponential { decay } = self.train.schedule {
+            if decay.is_nan() || decay <= 0.0 || decay > 1.0 {
+                return invalid(
+                    "train.schedule.decay",
+                    format!("is {decay}; it must be in (0, 1], e.g. 0.995"),
+                );
+            }
         }
         if self.bottleneck == Some(0) {
             return invalid("bottleneck", "must be None or a width of at least 1".into());
@@ -781,5 +833,44 @@ mod tests {
         spec.growth = 8;
         spec.blocks = vec![4; 7];
         assert!(spec.validate().unwrap_err().to_string().contains("32x32"));
+    }
+
+    #[test]
+    fn optimizer_and_schedule_parse_and_validate() {
+        let spec = NetSpec::from_ron(
+            "(blocks: [4, 4], growth: 8, train: (optimizer: RmsProp(), \
+             schedule: Exponential(decay: 0.995)))",
+            "rmsprop.ron",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.train.optimizer,
+            Optimizer::RmsProp {
+                decay: 0.9,
+                eps: 1e-6
+            }
+        );
+        assert_eq!(
+            spec.train.schedule,
+            LrSchedule::Exponential { decay: 0.995 }
+        );
+        spec.validate().unwrap();
+        assert_eq!(TrainSpec::default().optimizer, Optimizer::Sgd);
+
+        let bad_decay = spec
+            .with_overrides(&["train.optimizer.decay=1.0".into()])
+            .unwrap();
+        let message = bad_decay.validate().unwrap_err().to_string();
+        assert!(message.contains("train.optimizer.decay"), "{message}");
+        let bad_eps = spec
+            .with_overrides(&["train.optimizer.eps=0.0".into()])
+            .unwrap();
+        let message = bad_eps.validate().unwrap_err().to_string();
+        assert!(message.contains("train.optimizer.eps"), "{message}");
+        let bad_schedule = spec
+            .with_overrides(&["train.schedule=Exponential(decay: 1.5)".into()])
+            .unwrap();
+        let message = bad_schedule.validate().unwrap_err().to_string();
+        assert!(message.contains("train.schedule.decay"), "{message}");
     }
 }

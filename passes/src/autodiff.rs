@@ -10,15 +10,16 @@
 //! added to the running sum right after it is produced, so a DenseNet layer read
 //! by every later layer holds one gradient buffer instead of one per reader
 //! (which would make backward memory quadratic in depth). Every
-//! parameter then gets a velocity and an `SgdUpdate`, appended after the whole
-//! backward pass so no update runs before the last read of its parameter.
+//! parameter then gets its optimizer state and update (a velocity and an
+//! `SgdUpdate`, or a mean square and an `RmsPropUpdate`), appended after the
+//! whole backward pass so no update runs before the last read of its parameter.
 
 use std::collections::HashMap;
 
 use ldnc_ir::expand::Network;
 use ldnc_ir::graph::{Graph, TensorType, ValueId};
 use ldnc_ir::op::{Op, Role};
-use ldnc_ir::spec::TrainSpec;
+use ldnc_ir::spec::{Optimizer, TrainSpec};
 
 use crate::{Error, Result};
 
@@ -85,16 +86,32 @@ pub fn differentiate(net: &Network, train: &TrainSpec) -> Result<TrainingGraph> 
     for &(param, grad) in &param_grads {
         let ty: TensorType = g.node(param).ty.clone();
         let name = g.node(param).name.clone();
-        let velocity = g.add_typed(Op::Velocity, &[], format!("{name}.velocity"), ty);
-        let update = g.add(
-            Op::SgdUpdate {
-                momentum: train.momentum as f32,
-                weight_decay: train.weight_decay as f32,
-                nesterov: train.nesterov,
-            },
-            &[param, grad, velocity],
-            format!("{name}.sgd"),
-        )?;
+        let weight_decay = train.weight_decay as f32;
+        let update = match train.optimizer {
+            Optimizer::Sgd => {
+                let velocity = g.add_typed(Op::Velocity, &[], format!("{name}.velocity"), ty);
+                let sgd = Op::SgdUpdate {
+                    momentum: train.momentum as f32,
+                    weight_decay,
+                    nesterov: train.nesterov,
+                };
+                g.add(sgd, &[param, grad, velocity], format!("{name}.sgd"))?
+            }
+            Optimizer::RmsProp { decay, eps } => {
+                let mean_square =
+                    g.add_typed(Op::MeanSquare, &[], format!("{name}.mean_square"), ty);
+                let rmsprop = Op::RmsPropUpdate {
+                    decay: decay as f32,
+                    eps: eps as f32,
+                    weight_decay,
+                };
+                g.add(
+                    rmsprop,
+                    &[param, grad, mean_square],
+                    format!("{name}.rmsprop"),
+                )?
+            }
+        };
         sinks.push(update);
     }
     let trained: Vec<ValueId> = param_grads.iter().map(|&(p, _)| p).collect();
@@ -337,5 +354,35 @@ mod tests {
         for (p, grad) in tg.grads {
             assert_eq!(tg.graph.node(p).ty, tg.graph.node(grad).ty);
         }
+    }
+
+    #[test]
+    fn rmsprop_replaces_sgd_updates() {
+        let spec = NetSpec::from_ron(
+            "(blocks: [2], growth: 4, train: (optimizer: RmsProp(decay: 0.95)))",
+            "t",
+        )
+        .unwrap();
+        let net = expand(&spec, Mode::Train).unwrap();
+        let tg = differentiate(&net, &spec.train).unwrap();
+        let count = |matches: fn(&Op) -> bool| {
+            tg.graph
+                .ids()
+                .filter(|&id| matches(&tg.graph.node(id).op))
+                .count()
+        };
+        let params = tg.graph.params().len();
+        assert_eq!(count(|op| matches!(op, Op::SgdUpdate { .. })), 0);
+        assert_eq!(count(|op| matches!(op, Op::Velocity)), 0);
+        assert_eq!(count(|op| matches!(op, Op::MeanSquare)), params);
+        let rmsprop = |op: &Op| {
+            matches!(op, Op::RmsPropUpdate { decay, eps, weight_decay }
+                if *decay == 0.95 && *eps == 1e-6 && *weight_decay == 1e-4)
+        };
+        assert_eq!(
+            count(rmsprop),
+            params,
+            "decay set, eps and weight decay by default"
+        );
     }
 }

@@ -202,6 +202,27 @@ impl Executor {
                 );
                 store.put(&velocity.name, v);
             }
+            Op::RmsPropUpdate {
+                decay,
+                eps,
+                weight_decay,
+            } => {
+                let param = &self.program.values[step.inputs[0]];
+                let mean_square = &self.program.values[step.inputs[2]];
+                let grad = self.slice(store, step.inputs[1], n)?.to_vec();
+                let mut s = store
+                    .take(&mean_square.name)
+                    .ok_or_else(|| ExecError::MissingTensor(mean_square.name.clone()))?;
+                let p = store
+                    .get_mut(&param.name)
+                    .ok_or_else(|| ExecError::MissingTensor(param.name.clone()))?;
+                let update = match self.kernels {
+                    KernelSet::Reference => optim::rmsprop,
+                    KernelSet::Fast => optim::rmsprop_parallel,
+                };
+                update(p, &grad, &mut s, params.lr, *decay, *eps, *weight_decay);
+                store.put(&mean_square.name, s);
+            }
             Op::BnRunningUpdate { momentum, per_item } => {
                 let state = &self.program.values[step.inputs[0]];
                 let stats = self.slice(store, step.inputs[1], n)?.to_vec();

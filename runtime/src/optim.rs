@@ -1,4 +1,11 @@
-//! In-place updates: SGD with momentum and batch-norm running statistics.
+//! In-place updates: SGD with momentum, RMSprop and batch-norm running
+//! statistics.
+//!
+//! RMSprop has a plain loop, the reference, and a version that splits the
+//! tensor into chunks over rayon's threads for the fast kernel set. Each
+//! element's update reads only that element, so both give the same bits.
+
+use rayon::prelude::*;
 
 /// SGD with momentum and weight decay as PyTorch's `torch.optim.SGD` defines it:
 /// `g = grad + wd * p`, `v = mu * v + g`, then `p -= lr * (g + mu * v)` with
@@ -18,6 +25,46 @@ pub fn sgd(
         let step = if nesterov { g + momentum * *v } else { *v };
         *p -= lr * step;
     }
+}
+
+/// Elements per rayon task of [`rmsprop_parallel`]: large enough that a task
+/// costs more than scheduling it.
+const RMSPROP_CHUNK: usize = 1 << 14;
+
+/// RMSprop with weight decay: `g = grad + wd * p`,
+/// `s = decay * s + (1 - decay) * g^2`, then `p -= lr * g / (sqrt(s) + eps)`,
+/// with `eps` added outside the root as PyTorch's `torch.optim.RMSprop` does.
+pub fn rmsprop(
+    param: &mut [f32],
+    grad: &[f32],
+    mean_square: &mut [f32],
+    lr: f32,
+    decay: f32,
+    eps: f32,
+    weight_decay: f32,
+) {
+    for ((p, &g), s) in param.iter_mut().zip(grad).zip(mean_square.iter_mut()) {
+        let g = g + weight_decay * *p;
+        *s = decay * *s + (1.0 - decay) * g * g;
+        *p -= lr * g / (s.sqrt() + eps);
+    }
+}
+
+/// [`rmsprop`] over chunks of the tensor on rayon's threads.
+pub fn rmsprop_parallel(
+    param: &mut [f32],
+    grad: &[f32],
+    mean_square: &mut [f32],
+    lr: f32,
+    decay: f32,
+    eps: f32,
+    weight_decay: f32,
+) {
+    param
+        .par_chunks_mut(RMSPROP_CHUNK)
+        .zip(grad.par_chunks(RMSPROP_CHUNK))
+        .zip(mean_square.par_chunks_mut(RMSPROP_CHUNK))
+        .for_each(|((p, g), s)| rmsprop(p, g, s, lr, decay, eps, weight_decay));
 }
 
 /// `running = (1 - m) * running + m * batch` for the mean (row 0) and variance
@@ -49,6 +96,34 @@ mod tests {
         // g = 2 + 0.01 = 2.01; v = 0.45 + 2.01 = 2.46; p = 1 - 0.246.
         assert!((v[0] - 2.46).abs() < 1e-6);
         assert!((p[0] - 0.754).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rmsprop_matches_hand_computation() {
+        let mut p = vec![1.0];
+        let mut s = vec![0.5];
+        rmsprop(&mut p, &[2.0], &mut s, 0.1, 0.9, 1e-6, 0.01);
+        // g = 2.01; s = 0.45 + 0.1 * 4.0401 = 0.85401; p = 1 - 0.1 * 2.01 / sqrt(s).
+        assert!((s[0] - 0.85401).abs() < 1e-6, "{}", s[0]);
+        let expected = 1.0 - 0.1 * 2.01 / (0.85401f32.sqrt() + 1e-6);
+        assert!((p[0] - expected).abs() < 1e-6, "{}", p[0]);
+    }
+
+    #[test]
+    fn rmsprop_parallel_matches_reference() {
+        let len = 3 * RMSPROP_CHUNK + 17;
+        let grad: Vec<f32> = (0..len)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let start: Vec<f32> = (0..len)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+            .collect();
+        let (mut p1, mut s1) = (start.clone(), vec![0.25; len]);
+        let (mut p2, mut s2) = (start, vec![0.25; len]);
+        rmsprop(&mut p1, &grad, &mut s1, 0.01, 0.9, 1e-6, 1e-4);
+        rmsprop_parallel(&mut p2, &grad, &mut s2, 0.01, 0.9, 1e-6, 1e-4);
+        assert_eq!(p1, p2);
+        assert_eq!(s1, s2);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The parameter store: every persistent tensor of a network (parameters,
-//! batch-norm running statistics, SGD velocities) by name, with initialisation
-//! from the program's initialisers and a fixed seed.
+//! batch-norm running statistics, loss class weights, SGD velocities and
+//! RMSprop mean squares) by name, with initialisation from the program's
+//! initialisers and a fixed seed.
 
 use std::collections::BTreeMap;
 

@@ -275,6 +275,7 @@ proptest! {
         let v = data(seed ^ 2, len);
         let op = Op::SgdUpdate { momentum, weight_decay, nesterov };
         let step = lower::lower_step(&op, &[&ty, &ty, &ty], &ty).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let p_start = p.clone();
         let mut buffers = vec![p.clone(), g.clone(), v.clone()];
         let mut unused = Vec::new();
         interp::run_step(&step, &mut buffers, &mut unused, StepScalars { n, seed, lr })
@@ -283,6 +284,19 @@ proptest! {
         optim::sgd(&mut p_ref, &g, &mut v_ref, lr, momentum, weight_decay, nesterov);
         compare("sgd_update param", &buffers[0], &p_ref, 1e-5)?;
         compare("sgd_update velocity", &buffers[2], &v_ref, 1e-5)?;
+
+        // A mean square is never negative; `momentum` doubles as the decay.
+        let s: Vec<f32> = data(seed ^ 5, len).iter().map(|v| v * v).collect();
+        let eps = 1e-6;
+        let op = Op::RmsPropUpdate { decay: momentum, eps, weight_decay };
+        let step = lower::lower_step(&op, &[&ty, &ty, &ty], &ty).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut buffers = vec![p_start.clone(), g.clone(), s.clone()];
+        interp::run_step(&step, &mut buffers, &mut unused, StepScalars { n, seed, lr })
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let (mut p_ref, mut s_ref) = (p_start, s);
+        optim::rmsprop(&mut p_ref, &g, &mut s_ref, lr, momentum, eps, weight_decay);
+        compare("rmsprop_update param", &buffers[0], &p_ref, 1e-4)?;
+        compare("rmsprop_update mean square", &buffers[2], &s_ref, 1e-5)?;
 
         let c = len.div_ceil(2);
         let ty = TensorType::fixed(&[2, c]);

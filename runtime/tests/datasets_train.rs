@@ -468,6 +468,12 @@ fn camvid_trains_on_crops_and_reports_iou() {
     let (tensors, _) =
         checkpoint::load(&work.path().join("run/checkpoint.safetensors")).expect("checkpoint");
     assert_eq!(tensors["loss.class_weights"].1, weights);
+
+    // The example trains with RMSprop, whose mean squares the checkpoint
+    // keeps, at 1e-3 for the first epoch of its exponential decay.
+    assert!(tensors.keys().any(|name| name.ends_with(".mean_square")));
+    assert!(!tensors.keys().any(|name| name.ends_with(".velocity")));
+    assert_eq!(run.metrics["lr"], 1e-3, "{}", run.metrics);
 }
 
 #[test]

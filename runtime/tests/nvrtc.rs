@@ -139,6 +139,14 @@ fn sample_ops() -> Vec<(Op, Vec<TensorType>)> {
             vec![w.clone(), w.clone(), w.clone()],
         ),
         (
+            Op::RmsPropUpdate {
+                decay: 0.9,
+                eps: 1e-6,
+                weight_decay: 1e-4,
+            },
+            vec![fixed(&[40]), fixed(&[40]), fixed(&[40])],
+        ),
+        (
             Op::BnRunningUpdate {
                 momentum: 0.1,
                 per_item: 35,
@@ -625,8 +633,8 @@ fn gpu_kernels_match_reference() {
 }
 
 /// Valid data for operand `i` of the `count` operands of sample `op`: class
-/// indices for labels, positive class weights, and positive variances for
-/// batch-norm statistics.
+/// indices for labels, positive class weights, RMSprop mean squares and
+/// batch-norm variances.
 fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(31).wrapping_add(i as u64);
     let mut next = move || {
@@ -639,6 +647,7 @@ fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Ve
         op,
         Op::SoftmaxCrossEntropy { .. } | Op::SoftmaxCrossEntropyBackward { .. }
     );
+    let is_rmsprop = matches!(op, Op::RmsPropUpdate { .. });
     let is_fused = matches!(
         op,
         Op::BnReluConv { .. }
@@ -657,7 +666,7 @@ fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Ve
         .map(|_| {
             if is_loss && i == 1 {
                 (next() * 6.0).floor()
-            } else if is_stats || (is_loss && i == 2) {
+            } else if is_stats || (is_loss && i == 2) || (is_rmsprop && i == 2) {
                 next() + 0.5
             } else {
                 next() * 2.0 - 1.0

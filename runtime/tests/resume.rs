@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use ldnc_codegen::cpu::lower;
 use ldnc_ir::program::{CompiledNet, FORMAT_VERSION};
-use ldnc_ir::spec::{LrSchedule, NetSpec};
+use ldnc_ir::spec::{LrSchedule, NetSpec, Optimizer};
+use ldnc_ir::Role;
 use ldnc_passes::pipeline;
 use ldnc_runtime::checkpoint;
 use ldnc_runtime::data::{self, DataSpec, Dataset, Split};
@@ -104,10 +105,27 @@ fn tiny_network_overfits_real_images() {
 
 #[test]
 fn resumed_run_matches_uninterrupted_run() {
+    assert_resume_exact(&tiny_spec(), config(3, 16, 0.05));
+}
+
+#[test]
+fn resumed_rmsprop_run_matches_uninterrupted_run() {
+    let mut spec = tiny_spec();
+    spec.train.optimizer = Optimizer::RmsProp {
+        decay: 0.9,
+        eps: 1e-6,
+    };
+    let mut full = config(3, 16, 1e-3);
+    full.schedule = LrSchedule::Exponential { decay: 0.9 };
+    assert_resume_exact(&spec, full);
+}
+
+/// Trains `spec` straight through `full`, and again with a stop in the
+/// second epoch and a resume from the first epoch's checkpoint, and checks
+/// that both end with the same bits in every tensor, optimizer state included.
+fn assert_resume_exact(spec: &NetSpec, full: TrainConfig) {
     let data = small(48, 16);
-    let spec = tiny_spec();
-    let full = config(3, 16, 0.05);
-    let compiled = compile(&spec);
+    let compiled = compile(spec);
 
     let straight_dir = tempfile::tempdir().unwrap();
     let straight_files = RunFiles {
@@ -152,6 +170,13 @@ fn resumed_run_matches_uninterrupted_run() {
     };
     train::train(&mut resumed, &data, &full, &broken_files, start).unwrap();
 
+    let optimizer_state = straight
+        .store
+        .entries
+        .values()
+        .filter(|entry| entry.role == Role::OptState)
+        .count();
+    assert!(optimizer_state > 0, "the optimizer keeps state");
     assert_eq!(straight.store.entries.len(), resumed.store.entries.len());
     for (name, entry) in &straight.store.entries {
         assert_eq!(

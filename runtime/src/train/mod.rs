@@ -1,5 +1,6 @@
-//! The training loop: SGD over shuffled, augmented batches, evaluation after
-//! every epoch, metrics as JSON lines, checkpoints, and exact resumption.
+//! The training loop: SGD or RMSprop over shuffled, augmented batches,
+//! evaluation after every epoch, metrics as JSON lines, checkpoints, and exact
+//! resumption.
 //!
 //! Batches come from an in-memory [`Dataset`](crate::data::Dataset) through a
 //! [`Batcher`](crate::data::Batcher), or from image files (ImageNet) through a

@@ -84,7 +84,7 @@ pub fn train_with(
                 bar.abandon();
                 return Ok(history);
             }
-            lr = learning_rate(config.lr, config.schedule, step, total_steps);
+            lr = learning_rate(config.lr, config.schedule, step, total_steps, epoch);
             let params = StepParams {
                 lr: lr as f32,
                 seed: config.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step,

@@ -1,5 +1,5 @@
-//! Linear layers, the softmax cross-entropy loss, and the two in-place
-//! updates (SGD with momentum and batch-norm running statistics).
+//! Linear layers, the softmax cross-entropy loss, and the in-place updates
+//! (SGD with momentum, RMSprop and batch-norm running statistics).
 //!
 //! Matrices are row-major: `x` is `[rows, c]`, `w` is `[c, k]`, `b` is `[k]`,
 //! logits are `[rows, k]` and labels `[rows]` (class indices stored as f32).
@@ -41,6 +41,11 @@ pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<Lowere
             weight_decay,
             nesterov,
         } => sgd(out.per_item(), *momentum, *weight_decay, *nesterov)?,
+        Op::RmsPropUpdate {
+            decay,
+            eps,
+            weight_decay,
+        } => rmsprop(out.per_item(), *decay, *eps, *weight_decay)?,
         Op::BnRunningUpdate { momentum, per_item } => {
             running_update(out.channels(), *momentum, *per_item)?
         }
@@ -132,7 +137,7 @@ struct Loss {
     labels_per_item: usize,
     labels_batched: bool,
     ignore: Option<u32>,
-    /// Whether operand 2 holds one weight per class.
+    /// Whether operand 2 contains one weight per class.
     weighted: bool,
 }
 
@@ -151,7 +156,7 @@ impl Loss {
         })
     }
 
-    /// The class-weight operand, when the loss is weighted.
+    /// Binds operand 2 as the class weights when the loss is weighted.
     fn weights(&self, l: &mut Lowering) -> Option<Buffer> {
         self.weighted.then(|| l.operand("class_weights", 2))
     }
@@ -367,6 +372,28 @@ fn sgd(len: usize, momentum: f32, weight_decay: f32, nesterov: bool) -> Result<s
         b.store(velocity.mem(), &i, &v);
         let step = if nesterov { g + momentum * v } else { v };
         b.store(param.mem(), &i, p - lr * step);
+    });
+    l.finish()
+}
+
+/// RMSprop with weight decay: `g = grad + wd * p`,
+/// `s = decay * s + (1 - decay) * g^2`, then `p -= lr * g / (sqrt(s) + eps)`.
+fn rmsprop(len: usize, decay: f32, eps: f32, weight_decay: f32) -> Result<super::Launch> {
+    let mut l = Lowering::new("rmsprop_update", THREADS);
+    l.doc(format!(
+        "In-place RMSprop over {len} parameters with decay {decay}, epsilon {eps} and weight \
+         decay {weight_decay}. One thread per parameter."
+    ));
+    let param = l.operand_mut("param", 0);
+    let grad = l.operand("grad", 1);
+    let mean_square = l.operand_mut("mean_square", 2);
+    let lr = l.learning_rate();
+    l.per_element(int(len), |b, i| {
+        let p = b.let_("p", param.load(&i));
+        let g = b.let_("g", grad.load(&i) + weight_decay * &p);
+        let s = b.let_("s", decay * mean_square.load(&i) + (1.0 - decay) * &g * &g);
+        b.store(mean_square.mem(), &i, &s);
+        b.store(param.mem(), &i, p - lr * g / (s.sqrt() + eps));
     });
     l.finish()
 }

@@ -18,7 +18,8 @@
 //! - [`pool`]: `AvgPool`, `MaxPool`, their backward ops (gathers, no
 //!   atomics) and `GlobalAvgPool`;
 //! - [`dense`]: `Linear`, `LinearBackwardData`, `LinearBackwardWeight`,
-//!   `SoftmaxCrossEntropy` and its backward, `SgdUpdate`, `BnRunningUpdate`;
+//!   `SoftmaxCrossEntropy` and its backward, `SgdUpdate`, `RmsPropUpdate`,
+//!   `BnRunningUpdate`;
 //! - [`conv`]: `Conv2d`, `Conv2dBackwardData`, `Conv2dBackwardFilter`,
 //!   `ConvTranspose2d` and its two backward ops, all as one implicit-GEMM
 //!   kernel template tiled through shared memory;
@@ -31,7 +32,8 @@
 //!
 //! Every reduction has a fixed order that does not depend on timing, and no
 //! lowering uses `atomicAdd`, so a kernel gives the same bits on every run.
-//! Leaf ops (`Image`, `Label`, `Param`, `State`, `Velocity`) have no kernel.
+//! Leaf ops (`Image`, `Label`, `Param`, `State`, `Velocity`, `MeanSquare`) have
+//! no kernel.
 
 pub mod conv;
 pub mod dense;
@@ -238,9 +240,15 @@ pub fn lower_step(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<L
         check_types(op, inputs, out)?;
     }
     match op {
-        Op::Image | Op::Label | Op::Param { .. } | Op::State { .. } | Op::Velocity => Err(
-            unsupported(op, "leaf values are fed or stored, not computed"),
-        ),
+        Op::Image
+        | Op::Label
+        | Op::Param { .. }
+        | Op::State { .. }
+        | Op::Velocity
+        | Op::MeanSquare => Err(unsupported(
+            op,
+            "leaf values are fed or stored, not computed",
+        )),
         Op::Relu
         | Op::ReluBackward
         | Op::Scale { .. }
@@ -267,6 +275,7 @@ pub fn lower_step(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<L
         | Op::SoftmaxCrossEntropy { .. }
         | Op::SoftmaxCrossEntropyBackward { .. }
         | Op::SgdUpdate { .. }
+        | Op::RmsPropUpdate { .. }
         | Op::BnRunningUpdate { .. } => dense::lower(op, inputs, out),
         Op::Conv2d { .. }
         | Op::Conv2dBackwardData { .. }
