@@ -54,7 +54,7 @@ fn camvid(root: &Path) -> Dataset {
     data::load(&spec).expect("CamVid fixture")
 }
 
-/// A 3-block FC-DenseNet for 16x16 crops with one loss head.
+/// Loads a 3-block FC-DenseNet for 16x16 crops with one loss head.
 fn spec() -> NetSpec {
     let path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/fc-densenet-103-camvid.ron");
@@ -89,8 +89,9 @@ fn compile(spec: &NetSpec) -> CompiledNet {
     }
 }
 
-/// Mean negative log-likelihood of `labels` under `logits`, each labelled
-/// pixel weighted by `weights[label]`; pixels labelled `ignore` are skipped.
+/// Computes the mean negative log-likelihood of `labels` under `logits`, with
+/// each labelled pixel weighted by `weights[label]`. Pixels labelled `ignore`
+/// are skipped.
 fn weighted_nll(logits: &[f32], labels: &[f32], weights: &[f32], ignore: f32) -> f64 {
     let classes = weights.len();
     let (mut sum, mut total) = (0.0f64, 0.0f64);
@@ -223,4 +224,30 @@ fn training_sets_and_keeps_class_weights() {
     let start = Position { epoch: 1, step: 2 };
     train::train_with(&mut resumed, data, &pipeline, &more, &files, start).expect("epoch 2");
     assert_eq!(resumed.store.get(CLASS_WEIGHTS), Some(&[0.5; 11][..]));
+}
+
+#[test]
+fn class_weights_rejected_on_mismatch() {
+    let mut segmentation = Session::new(compile(&spec()), 2, KernelSet::Fast, 1).expect("session");
+    let message = segmentation
+        .set_class_weights(&[1.0; 3])
+        .expect_err("3 weights for 11 classes")
+        .to_string();
+    assert!(
+        message.contains("3 weights were given for 11 classes"),
+        "{message}"
+    );
+
+    let classifier = NetSpec::from_ron(
+        "(blocks: [1], growth: 2, bottleneck: None, input: (height: 8, width: 8, channels: 1))",
+        "classifier",
+    )
+    .expect("spec");
+    let mut classifier =
+        Session::new(compile(&classifier), 2, KernelSet::Fast, 1).expect("session");
+    let message = classifier
+        .set_class_weights(&[1.0; 10])
+        .expect_err("a classifier has no class weights")
+        .to_string();
+    assert!(message.contains("not a segmentation network"), "{message}");
 }

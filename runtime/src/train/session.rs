@@ -102,7 +102,7 @@ impl Session {
         let network = self.net.spec.name.clone();
         let Some(slot) = self.store.get_mut(CLASS_WEIGHTS) else {
             return Err(TrainError::Incompatible {
-                dataset: "the class weights".into(),
+                dataset: format!("a list of {} class weights", weights.len()),
                 network,
                 reason: "its loss has no class weights, because it is not a segmentation \
                          network"
@@ -111,7 +111,7 @@ impl Session {
         };
         if slot.len() != weights.len() {
             return Err(TrainError::Incompatible {
-                dataset: "the class weights".into(),
+                dataset: format!("a list of {} class weights", weights.len()),
                 network,
                 reason: format!(
                     "{} weights were given for {} classes",
