@@ -45,6 +45,8 @@ pub enum Schedule {
     Step,
     Cosine,
     Constant,
+    /// Multiplies the rate by `--lr-decay` after every epoch.
+    Exponential,
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +80,10 @@ pub struct TrainOptions {
     /// Learning-rate schedule (default: `train.schedule`).
     #[arg(long, value_enum)]
     pub schedule: Option<Schedule>,
+    /// Factor applied to the learning rate after each epoch with
+    /// `--schedule exponential`, in (0, 1] (default: the file's decay).
+    #[arg(long, value_name = "RATE")]
+    pub lr_decay: Option<f64>,
     /// Folder for checkpoints, metrics and plots.
     #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
@@ -157,7 +163,7 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
         Some(dir) => resume_settings(source, args, dir)?,
         None => {
             let spec = source.spec.clone();
-            let config = config_from(&spec, args, quiet);
+            let config = config_from(&spec, args, quiet)?;
             (spec, config, Position::default(), args.out.clone())
         }
     };
@@ -269,22 +275,54 @@ fn parse_device(device: &str) -> Result<Option<bool>> {
     }
 }
 
-fn config_from(spec: &NetSpec, args: &TrainOptions, quiet: bool) -> TrainConfig {
-    TrainConfig {
+fn config_from(spec: &NetSpec, args: &TrainOptions, quiet: bool) -> Result<TrainConfig> {
+    Ok(TrainConfig {
         epochs: args.epochs.unwrap_or(spec.train.epochs),
         batch: args.batch.unwrap_or(spec.train.batch),
         lr: args.lr.unwrap_or(spec.train.lr),
-        schedule: match args.schedule {
-            Some(Schedule::Step) => LrSchedule::Step,
-            Some(Schedule::Cosine) => LrSchedule::Cosine,
-            Some(Schedule::Constant) => LrSchedule::Constant,
-            None => spec.train.schedule,
-        },
+        schedule: schedule_from(spec.train.schedule, args.schedule, args.lr_decay)?,
         seed: args.seed,
         crop_padding: spec.train.crop_padding,
         flip: spec.train.flip,
         max_steps: args.max_steps,
         show_progress: !quiet,
+    })
+}
+
+/// Returns the schedule that `--schedule` and `--lr-decay` select, or the file's.
+fn schedule_from(
+    file: LrSchedule,
+    flag: Option<Schedule>,
+    decay: Option<f64>,
+) -> Result<LrSchedule> {
+    let file_decay = match file {
+        LrSchedule::Exponential { decay } => Some(decay),
+        _ => None,
+    };
+    let schedule = match flag {
+        Some(Schedule::Step) => LrSchedule::Step,
+        Some(Schedule::Cosine) => LrSchedule::Cosine,
+        Some(Schedule::Constant) => LrSchedule::Constant,
+        Some(Schedule::Exponential) => LrSchedule::Exponential {
+            decay: decay.or(file_decay).context(
+                "--schedule exponential needs --lr-decay RATE, the factor applied to the \
+                 learning rate after each epoch, e.g. --lr-decay 0.995",
+            )?,
+        },
+        None => match (file, decay) {
+            (LrSchedule::Exponential { .. }, Some(decay)) => LrSchedule::Exponential { decay },
+            _ => file,
+        },
+    };
+    match (schedule, decay) {
+        (LrSchedule::Exponential { decay }, _) if !(decay > 0.0 && decay <= 1.0) => {
+            bail!("invalid --lr-decay {decay}: it must be in (0, 1], e.g. 0.995")
+        }
+        (LrSchedule::Exponential { .. }, _) | (_, None) => Ok(schedule),
+        (_, Some(_)) => bail!(
+            "--lr-decay applies only to the exponential schedule; \
+             add --schedule exponential or drop --lr-decay"
+        ),
     }
 }
 
@@ -495,4 +533,42 @@ fn print_evaluation(network: &str, data: Data, pipeline: &Pipeline, evaluation: 
         100.0 * confusion.accuracy(),
         100.0 * confusion.mean_iou()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE_DECAY: LrSchedule = LrSchedule::Exponential { decay: 0.995 };
+
+    #[test]
+    fn flag_overrides_file_schedule() {
+        let cosine = schedule_from(FILE_DECAY, Some(Schedule::Cosine), None).unwrap();
+        assert_eq!(cosine, LrSchedule::Cosine);
+        let kept = schedule_from(LrSchedule::Step, None, None).unwrap();
+        assert_eq!(kept, LrSchedule::Step);
+    }
+
+    #[test]
+    fn exponential_decay_flag_then_file() {
+        let flag = schedule_from(LrSchedule::Step, Some(Schedule::Exponential), Some(0.9));
+        assert_eq!(flag.unwrap(), LrSchedule::Exponential { decay: 0.9 });
+        let file = schedule_from(FILE_DECAY, Some(Schedule::Exponential), None);
+        assert_eq!(file.unwrap(), FILE_DECAY);
+        let decay_only = schedule_from(FILE_DECAY, None, Some(0.5));
+        assert_eq!(decay_only.unwrap(), LrSchedule::Exponential { decay: 0.5 });
+    }
+
+    #[test]
+    fn bad_decay_flags_rejected() {
+        let missing = schedule_from(LrSchedule::Step, Some(Schedule::Exponential), None);
+        assert!(missing.unwrap_err().to_string().contains("--lr-decay RATE"));
+        let range = schedule_from(LrSchedule::Step, Some(Schedule::Exponential), Some(1.5));
+        assert!(range.unwrap_err().to_string().contains("(0, 1]"));
+        let stray = schedule_from(LrSchedule::Cosine, None, Some(0.9));
+        assert!(stray
+            .unwrap_err()
+            .to_string()
+            .contains("--schedule exponential"));
+    }
 }
