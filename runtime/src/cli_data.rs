@@ -1,5 +1,6 @@
 //! `ldnc data inspect`: split sizes, class counts and channel statistics of a
 //! dataset, with optional full decoding (`--verify`) and a contact sheet PNG.
+//! `ldnc data bench` (in `cli_data_bench.rs`) times the image-file input pipeline.
 
 use std::path::PathBuf;
 
@@ -13,6 +14,11 @@ use ldnc_runtime::data::{
     Source, Split,
 };
 
+// A path relative to this file, so that tests which include this file by
+// path find the module too.
+#[path = "cli_data_bench.rs"]
+mod bench;
+
 /// Arguments of `ldnc data`.
 #[derive(Debug, Args)]
 pub struct DataArgs {
@@ -25,6 +31,8 @@ pub struct DataArgs {
 pub enum DataCommand {
     /// Print a dataset's splits, classes and channel statistics.
     Inspect(InspectArgs),
+    /// Time the input pipeline of an image-file dataset: images/s and per thread.
+    Bench(bench::BenchArgs),
 }
 
 /// Arguments of `ldnc data inspect`.
@@ -73,9 +81,10 @@ struct Report {
 }
 
 /// Runs an `ldnc data` subcommand.
-pub fn run(args: DataArgs) -> anyhow::Result<()> {
+pub fn run(args: DataArgs, quiet: bool) -> anyhow::Result<()> {
     match args.command {
         DataCommand::Inspect(args) => inspect(args),
+        DataCommand::Bench(args) => bench::run(&args, quiet),
     }
 }
 

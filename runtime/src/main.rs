@@ -76,7 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => cli::train::run_train(&args, cli.quiet),
         Command::Eval(args) => cli::train::run_eval(&args),
         Command::Build(args) => cli::build::run_build(&args, cli.quiet),
-        Command::Data(args) => cli_data::run(args),
+        Command::Data(args) => cli_data::run(args, cli.quiet),
         Command::Bench(args) => cli::bench::run(&args),
     }
 }

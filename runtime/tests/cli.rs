@@ -266,3 +266,147 @@ fn cuda_device_fails_clearly_without_a_gpu() {
         "{err}"
     );
 }
+
+// ------------------------------------------------------- ldnc data bench
+
+/// Writes `count` gradient JPEGs of varying sizes into `dir`.
+fn write_jpegs(dir: &Path, count: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for index in 0..count {
+        let (width, height) = (40 + 7 * index as u16, 30 + 5 * index as u16);
+        let pixels: Vec<u8> = (0..width as usize * height as usize)
+            .flat_map(|i| [(i % 251) as u8, (i / 3 % 253) as u8, (index * 40) as u8])
+            .collect();
+        let mut bytes = Vec::new();
+        jpeg_encoder::Encoder::new(&mut bytes, 90)
+            .encode(&pixels, width, height, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        std::fs::write(dir.join(format!("image_{index}.JPEG")), bytes).unwrap();
+    }
+}
+
+/// Writes an ILSVRC2012 tree of 10 train and 7 val files in two classes, one
+/// of the val files undecodable, and returns its data spec.
+fn write_bench_imagenet(root: &Path) -> String {
+    for class in ["n01", "n02"] {
+        write_jpegs(&root.join("train").join(class), 5);
+        write_jpegs(&root.join("val").join(class), 3);
+    }
+    std::fs::write(root.join("val/n02/broken.JPEG"), b"not a JPEG").unwrap();
+    format!("imagenet:{}", root.display())
+}
+
+fn bench_json(args: &[&str], dir: &Path) -> serde_json::Value {
+    let out = ldnc(args, dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+#[test]
+fn data_bench_counts_train_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_bench_imagenet(dir.path());
+    // Five batches of 4 take two epochs of two whole batches and one more.
+    let args = [
+        "data",
+        "bench",
+        &spec,
+        "--threads",
+        "2",
+        "--batches",
+        "5",
+        "--batch-size",
+        "4",
+        "--input-size",
+        "32",
+        "--json",
+    ];
+    let result = bench_json(&args, dir.path());
+
+    assert_eq!(result["split"], "train");
+    assert_eq!(result["threads"], 2);
+    assert_eq!(result["batch_size"], 4);
+    assert_eq!(result["batches"], 5);
+    assert_eq!(result["images"], 20);
+    assert_eq!(result["skipped"], 0);
+    assert_eq!(result["image_shape"], serde_json::json!([32, 32, 3]));
+    assert_eq!(result["pipeline"], "random-resized 32x32 crops with flips");
+    let seconds = result["seconds"].as_f64().unwrap();
+    let rate = result["images_per_second"].as_f64().unwrap();
+    let per_thread = result["images_per_second_per_thread"].as_f64().unwrap();
+    assert!(seconds > 0.0, "{result}");
+    assert!((rate * seconds - 20.0).abs() < 1e-6, "{result}");
+    assert!((per_thread * 2.0 - rate).abs() < 1e-6, "{result}");
+}
+
+#[test]
+fn data_bench_eval_skips_broken_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_bench_imagenet(dir.path());
+    // One pass over 7 val files in batches of 4: two batches, 6 images decode.
+    let args = [
+        "data",
+        "bench",
+        &spec,
+        "--eval",
+        "--threads",
+        "1",
+        "--batch-size",
+        "4",
+        "--json",
+    ];
+    let result = bench_json(&args, dir.path());
+
+    assert_eq!(result["split"], "test");
+    assert_eq!(result["batches"], 2);
+    assert_eq!(result["images"], 6);
+    assert_eq!(result["skipped"], 1);
+    assert_eq!(result["image_shape"], serde_json::json!([224, 224, 3]));
+    assert_eq!(
+        result["pipeline"],
+        "shorter side resized to 256, centre 224x224 crop"
+    );
+}
+
+#[test]
+fn data_bench_prints_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_bench_imagenet(dir.path());
+    let out = ldnc(
+        &[
+            "data",
+            "bench",
+            &spec,
+            "--batch-size",
+            "5",
+            "--input-size",
+            "16",
+            "-q",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("imagenet train split"), "{text}");
+    assert!(text.contains("10 images in 2 batches"), "{text}");
+    assert!(text.contains("images/s per thread"), "{text}");
+}
+
+#[test]
+fn data_bench_rejects_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_bench_imagenet(dir.path());
+
+    let out = ldnc(&["data", "bench", &spec, "--batch-size", "11"], dir.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("has 10 images"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--batch-size"), "{}", stderr(&out));
+
+    let out = ldnc(&["data", "bench", &spec, "--threads", "0"], dir.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--threads"), "{}", stderr(&out));
+
+    let out = ldnc(&["data", "bench", &bundled()], dir.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("imagenet:DIR"), "{}", stderr(&out));
+}

@@ -1160,7 +1160,7 @@ fn inspect_writes_report_and_sheet() {
     let matches = command.try_get_matches_from(argv).expect("valid arguments");
     let args = cli_data::DataArgs::from_arg_matches(&matches).expect("parsed arguments");
 
-    cli_data::run(args).expect("inspect");
+    cli_data::run(args, true).expect("inspect");
     let image = image::open(&sheet).expect("contact sheet PNG").to_rgb8();
     assert!(
         image.width() > 3 * 28 && image.height() > 28,
@@ -1186,6 +1186,6 @@ fn inspect_verify_lists_corrupt_files() {
             sheet_count: 2,
         }),
     };
-    let error = cli_data::run(args).expect_err("one corrupt file");
+    let error = cli_data::run(args, true).expect_err("one corrupt file");
     assert!(error.to_string().contains("1 items failed"), "{error}");
 }

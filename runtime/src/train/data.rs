@@ -8,7 +8,7 @@ use crate::data::{
     Batch, BatchConfig, Batcher, Dataset, FileDataset, Normalization, Source, Split,
 };
 
-use super::file_batches::FileBatches;
+use super::file_batches::{loader_threads, FileBatches};
 use super::TrainError;
 
 /// A dataset to train or evaluate on: in memory, or image files decoded on demand.
@@ -120,9 +120,13 @@ impl<'a> TrainSource<'a> {
             TrainSource::Memory(split) => {
                 EpochBatches::Memory(Batcher::new(split, norm, config, epoch))
             }
-            TrainSource::Files(list) => {
-                EpochBatches::Files(FileBatches::new(Arc::clone(list), norm, config, epoch))
-            }
+            TrainSource::Files(list) => EpochBatches::Files(FileBatches::new(
+                Arc::clone(list),
+                norm,
+                config,
+                epoch,
+                loader_threads(),
+            )),
         }
     }
 }

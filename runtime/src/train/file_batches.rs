@@ -1,5 +1,6 @@
 //! Training and evaluation batches of image files, decoded by a prefetcher
-//! sized to the machine, with undecodable images left out and counted.
+//! on a given number of threads, with undecodable images left out and
+//! counted. `ldnc data bench` times this loader.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,21 +13,29 @@ use super::TrainError;
 /// ImageNet batches of 256 224x224 images (154 MB each) queue 6 deep.
 const PREFETCH_BYTES: usize = 1 << 30;
 
-/// One epoch of image files decoded by a [`Prefetcher`] on one thread per
-/// core. The prefetcher leaves out images that fail to decode, and the
-/// other images of their batch train as they would have without them.
-pub(super) struct FileBatches {
+/// Returns the number of decoding threads that training and evaluation use:
+/// one per available core.
+pub fn loader_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// One epoch of image files decoded by a [`Prefetcher`]. The prefetcher
+/// leaves out images that fail to decode, and the other images of their
+/// batch train as they would have without them.
+pub struct FileBatches {
     prefetcher: Prefetcher,
 }
 
 impl FileBatches {
-    pub(super) fn new(
+    /// Starts decoding epoch `epoch` of `files` on `threads` worker threads.
+    pub fn new(
         files: Arc<Vec<(PathBuf, u32)>>,
         norm: &Normalization,
         config: &BatchConfig,
         epoch: usize,
+        threads: usize,
     ) -> FileBatches {
-        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = threads.max(1);
         // Image files are only batched with fixed-size augmentations, whose
         // output size does not depend on the input size given here.
         let (height, width) = config.augment.output_size(224, 224);
@@ -38,8 +47,15 @@ impl FileBatches {
         FileBatches { prefetcher }
     }
 
-    /// Images left out so far in this epoch because they failed to decode.
-    pub(super) fn skipped(&self) -> u64 {
+    /// Returns the number of batches in the epoch, before any is left out
+    /// because none of its images decoded.
+    pub fn batch_count(&self) -> usize {
+        self.prefetcher.batch_count()
+    }
+
+    /// Returns the number of images left out so far in this epoch because
+    /// they failed to decode.
+    pub fn skipped(&self) -> u64 {
         self.prefetcher.skipped().len() as u64
     }
 }

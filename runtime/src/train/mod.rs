@@ -37,8 +37,9 @@ use crate::data::DataError;
 use crate::exec::ExecError;
 
 pub use data::Data;
+pub use file_batches::{loader_threads, FileBatches};
 pub use files::{read_metrics, RunFiles};
-pub use pipeline::{EvalView, Pipeline};
+pub use pipeline::{describe_augment, EvalView, Pipeline};
 pub use report::EpochMetrics;
 pub use run::{train, train_with, Position};
 pub use schedule::learning_rate;

@@ -123,7 +123,8 @@ impl EvalView {
     }
 }
 
-fn describe_augment(augment: &Augment) -> String {
+/// Describes an augmentation in words, such as `random-resized 224x224 crops with flips`.
+pub fn describe_augment(augment: &Augment) -> String {
     match *augment {
         Augment::None => "no augmentation".into(),
         Augment::PadCrop {

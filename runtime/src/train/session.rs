@@ -15,7 +15,7 @@ use crate::metrics::{self, Confusion, Hits};
 use crate::store::Store;
 
 use super::data::Data;
-use super::file_batches::FileBatches;
+use super::file_batches::{loader_threads, FileBatches};
 use super::pipeline::{EvalView, Pipeline};
 use super::tiles::TileGrid;
 use super::TrainError;
@@ -261,7 +261,7 @@ impl Session {
             (Data::Files(files), EvalView::Whole(augment)) => {
                 config.augment = augment.clone();
                 let list = Arc::new(files.test.clone());
-                let mut batches = FileBatches::new(list, &norm, &config, 0);
+                let mut batches = FileBatches::new(list, &norm, &config, 0, loader_threads());
                 for b in batches.by_ref() {
                     self.score(&b?, &mut tally)?;
                 }
