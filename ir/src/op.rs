@@ -229,6 +229,54 @@ pub enum Op {
         eps: f32,
     },
 
+    /// `global_avg_pool(relu(bn(concat(x_1 .. x_m))))` with operands
+    /// `(x_1, .., x_m, stats, affine)`: a classification head that never
+    /// writes the concatenation or the BN and ReLU outputs.
+    BnReluGlobalAvgPool {
+        eps: f32,
+    },
+    /// `avg_pool(relu(bn(concat(x_1 .. x_m))))` with operands
+    /// `(x_1, .., x_m, stats, affine)`: a transition that pools its BN-ReLU
+    /// output before the 1x1 conv and never writes it.
+    BnReluAvgPool {
+        k: usize,
+        stride: usize,
+        pad: usize,
+        eps: f32,
+    },
+
+    // ---- evaluation folds (introduced by the fusion pass in evaluation networks)
+    /// Conv weight with the batch norm that follows the conv folded in, operands
+    /// `(w, running, affine)` with `w: [k, k, C_in, C]` and `[2, C]` running
+    /// statistics and affine parameters:
+    /// `w'[.., co] = w[.., co] * gamma[co] / sqrt(var[co] + eps)`.
+    BnFoldWeight {
+        eps: f32,
+    },
+    /// Bias of a conv with the following batch norm folded in, operands
+    /// `(running, affine)`: `b[co] = beta[co] - mean[co] * gamma[co] / sqrt(var[co] + eps)`,
+    /// a `[C]` tensor.
+    BnFoldBias {
+        eps: f32,
+    },
+    /// `y = conv(x, w) + b` per output channel, then `max(y, 0)` when `relu`;
+    /// operands `(x, w, b)` with `b: [C_out]`.
+    Conv2dBias {
+        k: usize,
+        stride: usize,
+        pad: usize,
+        relu: bool,
+    },
+    /// `BnReluConv` followed by the bias and optional ReLU of `Conv2dBias`,
+    /// operands `(x_1, .., x_m, stats, affine, w, b)`.
+    BnReluConvBias {
+        k: usize,
+        stride: usize,
+        pad: usize,
+        eps: f32,
+        relu: bool,
+    },
+
     // ---- side effects
     /// `running = (1 - m) * running + m * batch`, with the unbiased variance;
     /// operands `(state, stats)`. `per_item` is the number of elements averaged per
@@ -330,6 +378,25 @@ fn check_loss_operands(t: &[&TensorType], weighted: bool) -> Result<(), String> 
     Ok(())
 }
 
+/// Checks that every type in `rows` is `[2, c]` (running statistics and affine
+/// parameters of a folded batch norm).
+fn check_fold_rows(c: usize, rows: &[&TensorType]) -> Result<(), String> {
+    for (ty, what) in rows.iter().zip(["running statistics", "affine"]) {
+        if ty.batched || ty.dims != [2, c] {
+            return Err(format!("{what} {ty} must be [2, {c}]"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a conv bias is `[c]`.
+fn check_bias(b: &TensorType, c: usize) -> Result<(), String> {
+    if b.batched || b.dims != [c] {
+        return Err(format!("bias {b} must be [{c}]"));
+    }
+    Ok(())
+}
+
 fn spatial(
     h: usize,
     w: usize,
@@ -391,6 +458,12 @@ impl Op {
             Op::BnReluConvBackwardFilter { .. } => "bn_relu_conv_backward_filter",
             Op::BnReluBackward { .. } => "bn_relu_backward",
             Op::BnReluAffineGrad { .. } => "bn_relu_affine_grad",
+            Op::BnReluGlobalAvgPool { .. } => "bn_relu_global_avg_pool",
+            Op::BnReluAvgPool { .. } => "bn_relu_avg_pool",
+            Op::BnFoldWeight { .. } => "bn_fold_weight",
+            Op::BnFoldBias { .. } => "bn_fold_bias",
+            Op::Conv2dBias { .. } => "conv2d_bias",
+            Op::BnReluConvBias { .. } => "bn_relu_conv_bias",
             Op::BnRunningUpdate { .. } => "bn_running_update",
             Op::SgdUpdate { .. } => "sgd_update",
             Op::RmsPropUpdate { .. } => "rmsprop_update",
@@ -644,6 +717,58 @@ impl Op {
                 let (_, _, c) = fused_inputs(t, 3)?;
                 Ok(TensorType::fixed(&[2, c]))
             }
+            Op::BnReluGlobalAvgPool { .. } => {
+                let (_, _, c) = fused_inputs(t, 2)?;
+                Ok(TensorType::batched(&[c]))
+            }
+            Op::BnReluAvgPool { k, stride, pad, .. } => {
+                let (h, w, c) = fused_inputs(t, 2)?;
+                let (ho, wo) = spatial(h, w, *k, *stride, *pad)?;
+                Ok(TensorType::batched(&[ho, wo, c]))
+            }
+            Op::BnFoldWeight { .. } => {
+                expect_arity(t, 3)?;
+                expect_rank(t[0], 4, "weight")?;
+                check_fold_rows(t[0].dims[3], &t[1..])?;
+                Ok(t[0].clone())
+            }
+            Op::BnFoldBias { .. } => {
+                expect_arity(t, 2)?;
+                let c = t[0].dims.last().copied().unwrap_or(0);
+                check_fold_rows(c, t)?;
+                Ok(TensorType::fixed(&[c]))
+            }
+            Op::Conv2dBias { k, stride, pad, .. } => {
+                expect_arity(t, 3)?;
+                let y = Op::Conv2d {
+                    k: *k,
+                    stride: *stride,
+                    pad: *pad,
+                }
+                .infer(&t[..2])?;
+                check_bias(t[2], y.channels())?;
+                Ok(y)
+            }
+            Op::BnReluConvBias {
+                k,
+                stride,
+                pad,
+                eps,
+                ..
+            } => {
+                if t.is_empty() {
+                    return Err("expected operands".into());
+                }
+                let y = Op::BnReluConv {
+                    k: *k,
+                    stride: *stride,
+                    pad: *pad,
+                    eps: *eps,
+                }
+                .infer(&t[..t.len() - 1])?;
+                check_bias(t[t.len() - 1], y.channels())?;
+                Ok(y)
+            }
             Op::BnRunningUpdate { .. } => {
                 expect_arity(t, 2)?;
                 Ok(t[0].clone())
@@ -666,7 +791,13 @@ impl Op {
     pub fn macs(&self, inputs: &[&TensorType], out: &TensorType) -> u64 {
         let p = |t: &TensorType| t.per_item() as u64;
         match self {
-            Op::Conv2d { k, .. } => p(out) * (k * k * inputs[0].channels()) as u64,
+            Op::Conv2d { k, .. } | Op::Conv2dBias { k, .. } => {
+                p(out) * (k * k * inputs[0].channels()) as u64
+            }
+            Op::BnReluConvBias { k, .. } => {
+                let wd = &inputs[inputs.len() - 2].dims;
+                p(out) * (k * k * wd[2]) as u64
+            }
             Op::BnReluConv { k, .. } => {
                 let wd = &inputs[inputs.len() - 1].dims;
                 p(out) * (k * k * wd[2]) as u64

@@ -185,6 +185,57 @@ fn train_eval_and_refuse_to_overwrite() {
     );
 }
 
+/// A network whose batch norms fold into convs (bottleneck layers and a stem
+/// with BN-ReLU) evaluates to the same accuracy and loss with the fused
+/// program, where they are folded, and with the unfused one.
+#[test]
+fn folded_eval_matches_unfused() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = repo().join("examples/quickstart.ron");
+    let run = dir.path().join("run");
+    let run_arg = run.to_str().unwrap();
+    let data = bundled();
+    let mut args = vec![
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        &data,
+        "--epochs",
+        "1",
+        "--batch",
+        "100",
+        "--out",
+        run_arg,
+        "-q",
+        "--set",
+        "bottleneck=Some(2)",
+        "--set",
+        "stem=Plain",
+    ];
+    args.extend(SMALL);
+    let out = ldnc(&args, dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let mut results = Vec::new();
+    for extra in [&[][..], &["--no-fuse"][..]] {
+        let eval = [&["eval", run_arg, "--data", &data, "--json"][..], extra].concat();
+        let out = ldnc(&eval, dir.path());
+        assert!(out.status.success(), "{}", stderr(&out));
+        let result: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        results.push(result);
+    }
+    assert_eq!(results[0]["fused"], true);
+    assert_eq!(results[1]["fused"], false);
+    assert_eq!(results[0]["images"], 2000);
+    assert_eq!(results[0]["top1_accuracy"], results[1]["top1_accuracy"]);
+    let loss = |r: &serde_json::Value| r["loss"].as_f64().unwrap();
+    let (folded, unfused) = (loss(&results[0]), loss(&results[1]));
+    assert!(
+        (folded - unfused).abs() <= 1e-4 * (1.0 + unfused.abs()),
+        "loss {folded} folded, {unfused} unfused"
+    );
+}
+
 #[test]
 fn diverging_loss_stops_with_the_step() {
     let dir = tempfile::tempdir().unwrap();

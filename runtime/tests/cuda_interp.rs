@@ -559,3 +559,60 @@ fn fused_conv_spans_several_tiles() {
     operands.push(operand(TensorType::batched(&[3, 4, 3]), n, 6));
     check(&filter, &operands, n, 5, FUSED_TOL).expect("fused filter gradient over 2 tiles matches");
 }
+
+/// `[2, c]` running statistics: means in `[-1, 1)`, variances in `[0.5, 1.5)`.
+fn running_operand(c: usize, seed: u64) -> Operand {
+    let mut stats = operand(TensorType::fixed(&[2, c]), 1, seed);
+    stats.data[c..].iter_mut().for_each(|v| *v = 1.0 + *v / 2.0);
+    stats
+}
+
+proptest! {
+    #![proptest_config(config(6))]
+
+    /// The batch-norm fold: the folded weight and bias, and both convs with
+    /// the bias epilogue, with and without the ReLU.
+    #[test]
+    fn folded_conv_ops_match(
+        parts in fused_parts(), (n, h, w, cout, k, stride, pad) in fused_conv_shape(), relu: bool,
+        seed: u64,
+    ) {
+        let c: usize = parts.iter().sum();
+        let eps = 1e-3;
+        let weight = || operand(TensorType::fixed(&[k, k, c, cout]), n, seed ^ 1);
+        let running = || running_operand(cout, seed ^ 8);
+        let affine = || operand(TensorType::fixed(&[2, cout]), n, seed ^ 9);
+        let bias = || operand(TensorType::fixed(&[cout]), n, seed ^ 10);
+        check(&Op::BnFoldWeight { eps }, &[weight(), running(), affine()], n, seed, TOL)?;
+        check(&Op::BnFoldBias { eps }, &[running(), affine()], n, seed, TOL)?;
+
+        let x = operand(TensorType::batched(&[h, w, c]), n, seed ^ 2);
+        let conv = Op::Conv2dBias { k, stride, pad, relu };
+        check(&conv, &[x, weight(), bias()], n, seed, TOL)?;
+
+        let fused = Op::BnReluConvBias { k, stride, pad, eps, relu };
+        let mut operands = fused_operands(&parts, (n, h, w), seed);
+        operands.extend([weight(), bias()]);
+        check(&fused, &operands, n, seed, FUSED_TOL)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(6))]
+
+    #[test]
+    fn fused_bn_relu_pools_match(
+        parts in fused_parts(), n in 1usize..4, h in 1usize..9, w in 1usize..9, seed: u64,
+    ) {
+        let operands = fused_operands(&parts, (n, h, w), seed);
+        check(&Op::BnReluGlobalAvgPool { eps: 1e-3 }, &operands, n, seed, FUSED_TOL)?;
+        for (k, stride, pad) in [(2, 2, 0), (3, 2, 1)] {
+            if h + 2 * pad < k || w + 2 * pad < k {
+                continue;
+            }
+            let operands = fused_operands(&parts, (n, h, w), seed);
+            let op = Op::BnReluAvgPool { k, stride, pad, eps: 1e-3 };
+            check(&op, &operands, n, seed, FUSED_TOL)?;
+        }
+    }
+}

@@ -338,3 +338,90 @@ fn planned_bytes_are_what_the_executor_allocates() {
         assert_eq!(exec.buffer_bytes(), planned);
     }
 }
+
+/// The evaluation program of `spec` as the CLI compiles it, after the
+/// planner checker.
+fn eval_program(spec: &NetSpec, fused: bool) -> Program {
+    let options = pipeline::Options {
+        fuse: fused,
+        ..Default::default()
+    };
+    let planned = pipeline::evaluation(spec, &options).unwrap();
+    memory::verify(&planned.graph, &planned.schedule).unwrap();
+    lower(&planned.graph, &planned.schedule, &planned.roots)
+}
+
+/// Draws every running statistic and batch-norm affine parameter, because
+/// their initial values (mean 0, variance 1, gamma 1, beta 0) make an
+/// evaluation-mode batch norm nearly the identity and would hide a wrong fold.
+fn randomise_batch_norm(store: &mut Store, seed: u64) {
+    for (i, (name, entry)) in store.entries.iter_mut().enumerate() {
+        let c = entry.data.len() / 2;
+        let drawn = noise(2 * c, seed + i as u64);
+        match entry.role {
+            ldnc_ir::Role::State => {
+                entry.data[..c].copy_from_slice(&drawn[..c]);
+                for (var, v) in entry.data[c..].iter_mut().zip(&drawn[c..]) {
+                    *var = 0.5 + v.abs();
+                }
+            }
+            ldnc_ir::Role::Param if name.ends_with(".affine") => {
+                for (gamma, v) in entry.data[..c].iter_mut().zip(&drawn[..c]) {
+                    *gamma = 1.0 + 0.5 * v;
+                }
+                entry.data[c..].copy_from_slice(&drawn[c..]);
+            }
+            _ => {}
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    #[test]
+    fn folded_and_unfolded_evaluate_alike(
+        template in 0..TEMPLATES.len(),
+        transition in 0..TRANSITIONS.len(),
+        bottleneck in any::<bool>(),
+        supervise in any::<bool>(),
+        plain_stem in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let mut spec = small_spec(template, transition, bottleneck, supervise);
+        if plain_stem {
+            spec.stem = ldnc_ir::spec::Stem::Plain;
+        }
+        let n = 3;
+        let images = noise(n * 6 * 6 * 2, seed);
+        let labels: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
+        let unfolded = eval_program(&spec, false);
+        let folded = eval_program(&spec, true);
+        let folds = folded
+            .steps
+            .iter()
+            .filter(|s| matches!(s.op, Op::Conv2dBias { .. } | Op::BnReluConvBias { .. }))
+            .count();
+        if bottleneck || plain_stem {
+            prop_assert!(folds > 0, "a conv followed by batch norm was not folded");
+        }
+
+        let mut store = Store::init(&[&unfolded], seed);
+        randomise_batch_norm(&mut store, seed);
+        let mut logits = Vec::new();
+        for program in [unfolded, folded] {
+            let heads = program.logits.clone();
+            let mut exec = Executor::new(program, n, KernelSet::Reference).unwrap();
+            exec.run(&mut store, &images, &labels, n, StepParams { lr: 0.0, seed: 0 }).unwrap();
+            let values: Vec<Vec<f32>> =
+                heads.iter().map(|&h| exec.value(&store, h).unwrap().to_vec()).collect();
+            logits.push(values);
+        }
+        prop_assert_eq!(logits[0].len(), logits[1].len());
+        for (unfolded, folded) in logits[0].iter().zip(&logits[1]) {
+            for (a, b) in unfolded.iter().zip(folded) {
+                prop_assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{} vs {}", a, b);
+            }
+        }
+    }
+}

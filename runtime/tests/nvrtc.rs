@@ -265,6 +265,63 @@ fn sample_ops() -> Vec<(Op, Vec<TensorType>)> {
             ],
         ),
         (
+            Op::BnReluGlobalAvgPool { eps: 1e-5 },
+            vec![
+                img.clone(),
+                part.clone(),
+                fused_stats.clone(),
+                fused_stats.clone(),
+            ],
+        ),
+        (
+            Op::BnReluAvgPool {
+                k: 2,
+                stride: 2,
+                pad: 0,
+                eps: 1e-5,
+            },
+            vec![
+                img.clone(),
+                part.clone(),
+                fused_stats.clone(),
+                fused_stats.clone(),
+            ],
+        ),
+        (
+            Op::BnReluConvBias {
+                k: 3,
+                stride: 1,
+                pad: 1,
+                eps: 1e-5,
+                relu: true,
+            },
+            vec![
+                img.clone(),
+                part.clone(),
+                fused_stats.clone(),
+                fused_stats.clone(),
+                fixed(&[3, 3, 5, 4]),
+                fixed(&[4]),
+            ],
+        ),
+        (
+            Op::Conv2dBias {
+                k: 3,
+                stride: 2,
+                pad: 1,
+                relu: false,
+            },
+            vec![img.clone(), w.clone(), fixed(&[4])],
+        ),
+        (
+            Op::BnFoldWeight { eps: 1e-5 },
+            vec![w.clone(), fixed(&[2, 4]), fixed(&[2, 4])],
+        ),
+        (
+            Op::BnFoldBias { eps: 1e-5 },
+            vec![fixed(&[2, 4]), fixed(&[2, 4])],
+        ),
+        (
             Op::BnReluAffineGrad { eps: 1e-5 },
             vec![img, part, fused_stats.clone(), fused_stats, concat],
         ),
@@ -656,12 +713,22 @@ fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Ve
             | Op::BnReluAffineGrad { .. }
     );
     // The fused ops take their statistics after the inputs x_1 .. x_m, as
-    // the third operand from the end.
+    // the third operand from the end, or the fourth when a bias follows the
+    // weight, or the second when nothing follows the affine parameters.
     let is_stats = (matches!(
         op,
-        Op::BnApply { .. } | Op::BnBackward { .. } | Op::BnAffineGrad { .. }
+        Op::BnApply { .. }
+            | Op::BnBackward { .. }
+            | Op::BnAffineGrad { .. }
+            | Op::BnFoldWeight { .. }
     ) && i == 1)
-        || (is_fused && i + 3 == count);
+        || (matches!(op, Op::BnFoldBias { .. }) && i == 0)
+        || (is_fused && i + 3 == count)
+        || (matches!(op, Op::BnReluConvBias { .. }) && i + 4 == count)
+        || (matches!(
+            op,
+            Op::BnReluGlobalAvgPool { .. } | Op::BnReluAvgPool { .. }
+        ) && i + 2 == count);
     (0..len)
         .map(|_| {
             if is_loss && i == 1 {

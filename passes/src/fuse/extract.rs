@@ -54,6 +54,9 @@ fn shared_classes(egraph: &FuseGraph) -> HashSet<Id> {
     let mut readers: HashMap<Id, usize> = HashMap::new();
     for class in egraph.classes() {
         for node in &class.nodes {
+            if super::fold::is_folded_away(egraph, class.id, node) {
+                continue;
+            }
             for &child in &node.children {
                 *readers.entry(egraph.find(child)).or_default() += 1;
             }
@@ -75,15 +78,20 @@ fn is_chain(op: &Op) -> bool {
     )
 }
 
-/// Classes whose every e-node is an element-wise chain op.
+/// Classes whose every e-node is an element-wise chain op, or a chain op and
+/// the folded conv that `fold` adds beside it, because folding a batch norm
+/// into a conv must not turn its BN or ReLU output into a shared value that
+/// looks free.
 fn chain_classes(egraph: &FuseGraph) -> HashSet<Id> {
     egraph
         .classes()
         .filter(|class| {
-            class
-                .nodes
-                .iter()
-                .all(|n| egraph.analysis.op(n).is_some_and(is_chain))
+            let op = |n: &ENode| egraph.analysis.op(n);
+            let any_chain = class.nodes.iter().any(|n| op(n).is_some_and(is_chain));
+            any_chain
+                && class.nodes.iter().all(|n| {
+                    op(n).is_some_and(|op| is_chain(op) || super::fold::is_folded_conv(op))
+                })
         })
         .map(|class| class.id)
         .collect()
@@ -113,8 +121,11 @@ impl CostFunction<ENode> for Cost<'_> {
             .collect();
         // The class type is the op's output type for every node of the class.
         let out = class_type(self.egraph, enode);
-        let flops = 2.0 * op.macs(&inputs, out) as f64;
-        let bytes = if matches!(op.role(), Role::Compute) {
+        let flops =
+            2.0 * op.macs(&inputs, out) as f64 + super::fold::elementwise_flops(op, &inputs, out);
+        let bytes = if super::fold::is_weight_transform(op) {
+            0.0
+        } else if matches!(op.role(), Role::Compute) {
             4.0 * out.per_item() as f64
         } else {
             0.0

@@ -2,8 +2,9 @@
 //!
 //! The training graph (forward pass, backward pass, running-statistics and SGD
 //! updates, as autodiff builds them from the unfused network) goes into one
-//! e-graph whose root ties every output together. The rules in `rules` add
-//! fused and reordered forward terms to the classes they match. Those in
+//! e-graph whose root ties every output together. The rules in `rules`,
+//! `fold` and `bn_relu_pool` add fused and reordered forward terms to the
+//! classes they match. Those in
 //! `backward` add fused backward ops for the plain gradient terms of a
 //! BN-ReLU-conv chain, which recompute the normalised input from the layer
 //! outputs. A runner with iteration, node and time limits saturates the e-graph,
@@ -25,7 +26,9 @@
 //! ```
 
 pub mod backward;
+pub mod bn_relu_pool;
 pub mod extract;
+pub mod fold;
 pub mod lang;
 pub mod rules;
 
@@ -132,6 +135,30 @@ fn rewrites() -> Vec<Rewrite<ENode, Ops>> {
             "pool-conv-data",
             rules::Rule(backward::PoolConvData),
             rules::Rule(backward::PoolConvData),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
+            "bn-relu-gap",
+            rules::Rule(bn_relu_pool::BnReluPool { global: true }),
+            rules::Rule(bn_relu_pool::BnReluPool { global: true }),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
+            "bn-relu-pool",
+            rules::Rule(bn_relu_pool::BnReluPool { global: false }),
+            rules::Rule(bn_relu_pool::BnReluPool { global: false }),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
+            "fold-bn",
+            rules::Rule(fold::FoldBn),
+            rules::Rule(fold::FoldBn),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
+            "bias-relu",
+            rules::Rule(fold::BiasRelu),
+            rules::Rule(fold::BiasRelu),
         )
         .expect("rule names are unique"),
     ]

@@ -379,6 +379,10 @@ pub struct EvalArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Evaluate with the unfused program, compiled afresh from the network
+    /// stored in the checkpoint (batch norms and ReLUs run as separate ops).
+    #[arg(long)]
+    pub no_fuse: bool,
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<()> {
@@ -401,9 +405,12 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
         .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
     let (data_spec, source_data) = open_data(&args.data)?;
     let data = Data::from(&source_data);
+    let options = CompileOptions {
+        fuse: !args.no_fuse,
+        ..CompileOptions::default()
+    };
     let compiled = match embedded {
-        Some((_, compiled)) if compiled.spec == spec => compiled.clone(),
-        Some((exe, compiled)) => bail!(
+        Some((exe, compiled)) if compiled.spec != spec => bail!(
             "{} was trained with a different network than the `{}` compiled into {} (its spec \
              names `{}`); evaluate it with `ldnc eval` or with the executable that trained it",
             path.display(),
@@ -411,7 +418,8 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
             exe.display(),
             spec.name
         ),
-        None => compile(&spec, CompileOptions::default())?,
+        Some((_, compiled)) if !args.no_fuse => compiled.clone(),
+        _ => compile(&spec, options)?,
     };
     let mut session = Session::new(compiled, args.batch, args.kernels.into(), 0)?;
     checkpoint::restore(&path, &mut session.store, tensors)?;
@@ -426,6 +434,7 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
         "dataset": data.name(),
         "evaluated_on": pipeline.eval.describe(),
         "loss": evaluation.loss,
+        "fused": !args.no_fuse,
     });
     let fields = if segmentation {
         segmentation_json(&evaluation.confusion, data.class_names())

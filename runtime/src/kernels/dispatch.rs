@@ -104,6 +104,12 @@ pub(crate) trait Kernels {
     );
     fn bn_relu_backward(&self, input: &BnRelu, dz: &[f32], dx: &mut [f32]);
     fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]);
+    fn bn_relu_global_avg_pool(&self, input: &BnRelu, y: &mut [f32]);
+    fn bn_relu_avg_pool(&self, shape: &PoolShape, input: &BnRelu, y: &mut [f32]);
+
+    fn bn_fold_weight(&self, w: &[f32], running: &[f32], affine: &[f32], eps: f32, out: &mut [f32]);
+    fn bn_fold_bias(&self, running: &[f32], affine: &[f32], eps: f32, bias: &mut [f32]);
+    fn bias_relu(&self, y: &mut [f32], bias: &[f32], relu: bool);
 }
 
 /// The operands every fused BN-ReLU kernel reads: the inputs of a channel
@@ -145,6 +151,13 @@ fn check_weight(op: &Op, w: &TensorType, shape: &ConvShape) -> Result<(), Kernel
     let want = [k, k, shape.cin, shape.cout];
     require(op, !w.batched && w.dims == want, || {
         format!("weight is {w}, expected {want:?}")
+    })
+}
+
+/// Checks that a conv bias is `[cout]`.
+fn check_bias(op: &Op, b: &TensorType, cout: usize) -> Result<(), KernelError> {
+    require(op, !b.batched && b.dims == [cout], || {
+        format!("bias is {b}, expected [{cout}]")
     })
 }
 
@@ -347,7 +360,35 @@ pub(crate) fn compute<K: Kernels>(
             set.sum_batch(data(0), out);
         }
 
+        Op::BnFoldWeight { eps } => {
+            let c = ty(0).channels();
+            check_rows(op, ty(1), c, "running statistics")?;
+            check_rows(op, ty(2), c, "affine")?;
+            set.bn_fold_weight(data(0), data(1), data(2), *eps, out);
+        }
+        Op::BnFoldBias { eps } => {
+            let c = out_ty.channels();
+            check_rows(op, ty(0), c, "running statistics")?;
+            check_rows(op, ty(1), c, "affine")?;
+            set.bn_fold_bias(data(0), data(1), *eps, out);
+        }
+        Op::Conv2dBias {
+            k,
+            stride,
+            pad,
+            relu,
+        } => {
+            let shape = ConvShape::conv(op, ty(0), out_ty, (*k, *stride, *pad), n)?;
+            check_weight(op, ty(1), &shape)?;
+            check_bias(op, ty(2), shape.cout)?;
+            set.conv2d(&shape, data(0), data(1), out);
+            set.bias_relu(out, data(2), *relu);
+        }
+
         Op::ConcatStats
+        | Op::BnReluGlobalAvgPool { .. }
+        | Op::BnReluAvgPool { .. }
+        | Op::BnReluConvBias { .. }
         | Op::BnReluConv { .. }
         | Op::BnReluConvBackwardFilter { .. }
         | Op::BnReluBackward { .. }
@@ -364,8 +405,9 @@ pub(crate) fn compute<K: Kernels>(
     Ok(())
 }
 
-/// Checks the operands `(x_1, .., x_m, stats, affine, last)` of a fused
-/// BN-ReLU op. Returns them with the `[h, w, C]` type of the concatenation.
+/// Checks the operands `(x_1, .., x_m, stats, affine)` of a fused BN-ReLU
+/// op, without the operands that follow them. Returns them with the
+/// `[h, w, C]` type of the concatenation.
 fn bn_relu_operands<'a>(
     op: &Op,
     inputs: &[In<'a>],
@@ -374,7 +416,7 @@ fn bn_relu_operands<'a>(
 ) -> Result<(BnRelu<'a>, TensorType), KernelError> {
     // `check_operands` ran the shape rule, which requires m >= 1 batched
     // inputs of one spatial size.
-    let m = inputs.len() - 3;
+    let m = inputs.len() - 2;
     let (h, w, _) = hwc(op, inputs[0].ty)?;
     let channels: Vec<usize> = inputs[..m].iter().map(|x| x.ty.channels()).collect();
     let c: usize = channels.iter().sum();
@@ -414,10 +456,41 @@ fn compute_fused<K: Kernels>(
             pad,
             eps,
         } => {
-            let (input, concat) = bn_relu_operands(op, inputs, *eps, n)?;
+            let (input, concat) = bn_relu_operands(op, &inputs[..inputs.len() - 1], *eps, n)?;
             let shape = ConvShape::conv(op, &concat, out_ty, (*k, *stride, *pad), n)?;
             check_weight(op, last.ty, &shape)?;
             set.bn_relu_conv(&shape, &input, last.data, out);
+        }
+        Op::BnReluGlobalAvgPool { eps } => {
+            let (input, _) = bn_relu_operands(op, inputs, *eps, n)?;
+            set.bn_relu_global_avg_pool(&input, out);
+        }
+        Op::BnReluAvgPool {
+            k,
+            stride,
+            pad,
+            eps,
+        } => {
+            let (input, concat) = bn_relu_operands(op, inputs, *eps, n)?;
+            let shape = PoolShape::new(op, &concat, out_ty, (*k, *stride, *pad), n)?;
+            set.bn_relu_avg_pool(&shape, &input, out);
+        }
+        Op::BnReluConvBias {
+            k,
+            stride,
+            pad,
+            eps,
+            relu,
+        } => {
+            // The operands are those of `BnReluConv` followed by the bias.
+            let conv = &inputs[..inputs.len() - 1];
+            let w = conv.last().expect("the shape rule requires a weight");
+            let (input, concat) = bn_relu_operands(op, &conv[..conv.len() - 1], *eps, n)?;
+            let shape = ConvShape::conv(op, &concat, out_ty, (*k, *stride, *pad), n)?;
+            check_weight(op, w.ty, &shape)?;
+            check_bias(op, last.ty, shape.cout)?;
+            set.bn_relu_conv(&shape, &input, w.data, out);
+            set.bias_relu(out, last.data, *relu);
         }
         Op::BnReluConvBackwardFilter {
             k,
@@ -425,12 +498,12 @@ fn compute_fused<K: Kernels>(
             pad,
             eps,
         } => {
-            let (input, concat) = bn_relu_operands(op, inputs, *eps, n)?;
+            let (input, concat) = bn_relu_operands(op, &inputs[..inputs.len() - 1], *eps, n)?;
             let shape = ConvShape::conv(op, &concat, last.ty, (*k, *stride, *pad), n)?;
             set.bn_relu_conv_backward_filter(&shape, &input, last.data, out);
         }
         Op::BnReluBackward { eps } | Op::BnReluAffineGrad { eps } => {
-            let (input, concat) = bn_relu_operands(op, inputs, *eps, n)?;
+            let (input, concat) = bn_relu_operands(op, &inputs[..inputs.len() - 1], *eps, n)?;
             require(op, *last.ty == concat, || {
                 format!(
                     "gradient {} differs from the concatenation {concat}",

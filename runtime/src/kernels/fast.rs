@@ -17,6 +17,7 @@ mod pool;
 use super::dispatch::{self, BnRelu, Kernels};
 use super::layout::{ConvShape, PoolShape};
 use super::reference::elementwise as ew;
+use super::reference::fold as reference_fold;
 use super::reference::fused as reference_fused;
 use super::reference::LossSpec;
 use super::{Ctx, In, KernelError};
@@ -249,5 +250,34 @@ impl Kernels for Fast {
     }
     fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
         fused::bn_relu_affine_grad(input, dz, grad)
+    }
+
+    fn bn_relu_global_avg_pool(&self, input: &BnRelu, y: &mut [f32]) {
+        fused::bn_relu_global_avg_pool(input, y)
+    }
+
+    fn bn_relu_avg_pool(&self, shape: &PoolShape, input: &BnRelu, y: &mut [f32]) {
+        fused::bn_relu_avg_pool(shape, input, y)
+    }
+
+    fn bn_fold_weight(
+        &self,
+        w: &[f32],
+        running: &[f32],
+        affine: &[f32],
+        eps: f32,
+        out: &mut [f32],
+    ) {
+        // One pass over a weight tensor once per batch; too small to split.
+        reference_fold::bn_fold_weight(w, running, affine, eps, out)
+    }
+    fn bn_fold_bias(&self, running: &[f32], affine: &[f32], eps: f32, bias: &mut [f32]) {
+        reference_fold::bn_fold_bias(running, affine, eps, bias)
+    }
+    fn bias_relu(&self, y: &mut [f32], bias: &[f32], relu: bool) {
+        // Chunks of whole rows, so every chunk starts at channel 0.
+        let c = bias.len().max(1);
+        y.par_chunks_mut((CHUNK / c + 1) * c)
+            .for_each(|rows| reference_fold::bias_relu(rows, bias, relu));
     }
 }

@@ -5,6 +5,7 @@
 pub(crate) mod conv;
 pub(crate) mod dense;
 pub(crate) mod elementwise;
+pub(crate) mod fold;
 pub(crate) mod fused;
 pub(crate) mod norm;
 pub(crate) mod pool;
@@ -195,5 +196,30 @@ impl Kernels for Reference {
     }
     fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
         fused::bn_relu_affine_grad(input, dz, grad)
+    }
+
+    fn bn_relu_global_avg_pool(&self, input: &BnRelu, y: &mut [f32]) {
+        fused::bn_relu_global_avg_pool(input, y)
+    }
+
+    fn bn_relu_avg_pool(&self, shape: &PoolShape, input: &BnRelu, y: &mut [f32]) {
+        fused::bn_relu_avg_pool(shape, input, y)
+    }
+
+    fn bn_fold_weight(
+        &self,
+        w: &[f32],
+        running: &[f32],
+        affine: &[f32],
+        eps: f32,
+        out: &mut [f32],
+    ) {
+        fold::bn_fold_weight(w, running, affine, eps, out)
+    }
+    fn bn_fold_bias(&self, running: &[f32], affine: &[f32], eps: f32, bias: &mut [f32]) {
+        fold::bn_fold_bias(running, affine, eps, bias)
+    }
+    fn bias_relu(&self, y: &mut [f32], bias: &[f32], relu: bool) {
+        fold::bias_relu(y, bias, relu)
     }
 }

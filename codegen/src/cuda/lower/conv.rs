@@ -221,6 +221,31 @@ fn load_tile(
 
 /// Emits the GEMM template into `l`.
 pub(super) fn emit(l: &mut Lowering, g: Gemm) {
+    emit_with(l, g, &|_, _, value| value)
+}
+
+/// Maps an accumulated `C[row, col]` to the value stored, given the builder
+/// and the column.
+pub(super) type Epilogue<'a> = &'a dyn Fn(&mut KernelBuilder, &Expr, Expr) -> Expr;
+
+/// Adds `bias[col]` to the accumulated value, then rectifies when `relu`:
+/// the epilogue of a conv with a folded batch norm.
+pub(super) fn bias_epilogue(
+    bias: Buffer,
+    relu: bool,
+) -> impl Fn(&mut KernelBuilder, &Expr, Expr) -> Expr {
+    move |_, col, value| {
+        let sum = value + bias.load(col);
+        if relu {
+            sum.max(0.0f32)
+        } else {
+            sum
+        }
+    }
+}
+
+/// Emits the GEMM template into `l`, storing `epilogue(C[row, col])`.
+pub(super) fn emit_with(l: &mut Lowering, g: Gemm, epilogue: Epilogue) {
     l.grid(
         ceil_div(g.m.clone(), TILE_M),
         ceil_div(g.n.clone(), TILE_N),
@@ -307,6 +332,7 @@ pub(super) fn emit(l: &mut Lowering, g: Gemm) {
             let col = &n0 + &tx + int(j * SIDE);
             let out = (g.out)(&row, &col, &z);
             b.if_(row.lt(&g.m).and(col.lt(&g.n)), |b| {
+                let value = epilogue(b, &col, value.clone());
                 b.store(g.y.mem(), out, value)
             });
         }
@@ -319,7 +345,16 @@ pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<Lowere
     let launch = match *op {
         Op::Conv2d { k, stride, pad } => {
             let g = Geometry::new(op, inputs[0], out, (k, stride, pad))?;
-            conv2d(g, channels(inputs[0]), channels(out))?
+            conv2d(g, channels(inputs[0]), channels(out), None)?
+        }
+        Op::Conv2dBias {
+            k,
+            stride,
+            pad,
+            relu,
+        } => {
+            let g = Geometry::new(op, inputs[0], out, (k, stride, pad))?;
+            conv2d(g, channels(inputs[0]), channels(out), Some(relu))?
         }
         Op::Conv2dBackwardData { k, stride, pad, .. } => {
             let g = Geometry::new(op, out, inputs[0], (k, stride, pad))?;
@@ -362,11 +397,24 @@ pub(super) fn describe(name: &str, g: &Geometry, cin: usize, cout: usize) -> Str
     )
 }
 
-fn conv2d(g: Geometry, cin: usize, cout: usize) -> Result<super::Launch> {
-    let mut l = Lowering::new("conv2d", GEMM_THREADS as u32);
-    l.doc(describe("Convolution y = x * w", &g, cin, cout));
+/// `y = x * w`, or with `bias = Some(relu)` the folded conv
+/// `y = x * w + b`, rectified when `relu`.
+fn conv2d(g: Geometry, cin: usize, cout: usize, bias: Option<bool>) -> Result<super::Launch> {
+    let name = if bias.is_some() {
+        "conv2d_bias"
+    } else {
+        "conv2d"
+    };
+    let mut l = Lowering::new(name, GEMM_THREADS as u32);
+    let what = match bias {
+        None => "Convolution y = x * w",
+        Some(false) => "Convolution with bias y = x * w + b",
+        Some(true) => "Convolution with bias and ReLU y = max(x * w + b, 0)",
+    };
+    l.doc(describe(what, &g, cin, cout));
     let x = l.operand("x", 0);
     let w = l.operand("w", 1);
+    let epilogue = bias.map(|relu| bias_epilogue(l.operand("b", 2), relu));
     let y = l.result("y");
     let n = l.batch();
     let a = |b: &mut KernelBuilder, s: &Expr, kk: &Expr, _: &Expr| {
@@ -386,7 +434,10 @@ fn conv2d(g: Geometry, cin: usize, cout: usize) -> Result<super::Launch> {
         y,
         out: &out,
     };
-    emit(&mut l, gemm);
+    match &epilogue {
+        Some(epilogue) => emit_with(&mut l, gemm, epilogue),
+        None => emit(&mut l, gemm),
+    }
     l.finish()
 }
 

@@ -18,6 +18,9 @@
 //!   [`super::conv`] with an A loader that computes `z` from `x` while it
 //!   stages the tile in shared memory. Padding taps load 0, the padding of
 //!   `z`, not `bn(0)`;
+//! - `BnReluGlobalAvgPool` averages `z` over the pixels of each image, one
+//!   thread per image and channel, and `BnReluAvgPool` is the average pool
+//!   of [`super::pool`] over `z`;
 //! - `BnReluBackward` and `BnReluAffineGrad` are the batch-norm gradients of
 //!   [`super::norm`] applied to `du = dz * [u > 0]`, with the mask
 //!   recomputed from `x`. They run one block of 256 threads per channel with
@@ -25,8 +28,9 @@
 
 use ldnc_ir::{Op, TensorType};
 
-use super::conv::{describe, emit, Gemm, Geometry, GEMM_THREADS};
+use super::conv::{bias_epilogue, describe, emit, emit_with, Gemm, Geometry, GEMM_THREADS};
 use super::norm::block_sum;
+use super::pool::emit_avg_pool;
 use super::{hwc, numel, unsupported, Launch, LoweredStep, Lowering, THREADS};
 use crate::cuda::builder::{Buffer, KernelBuilder};
 use crate::cuda::kernel::{block_idx, int, thread_idx, Axis, Expr};
@@ -40,9 +44,36 @@ pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<Lowere
         return Ok(LoweredStep::single(concat_stats(&channels)?));
     }
 
+    if let Op::BnReluAvgPool {
+        k,
+        stride,
+        pad,
+        eps,
+    } = *op
+    {
+        let m = inputs.len() - 2;
+        let parts: Vec<usize> = inputs[..m].iter().map(|t| t.channels()).collect();
+        check_width(op, &parts)?;
+        let (h, w, _) = hwc(op, inputs[0])?;
+        let concat = TensorType::batched(&[h, w, parts.iter().sum()]);
+        let launch = bn_relu_avg_pool(op, (&concat, out), (k, stride, pad), &parts, eps)?;
+        return Ok(LoweredStep::single(launch));
+    }
+    if let Op::BnReluGlobalAvgPool { eps } = *op {
+        let m = inputs.len() - 2;
+        let parts: Vec<usize> = inputs[..m].iter().map(|t| t.channels()).collect();
+        check_width(op, &parts)?;
+        let (h, w, _) = hwc(op, inputs[0])?;
+        return Ok(LoweredStep::single(bn_relu_global_avg_pool(
+            h * w,
+            &parts,
+            eps,
+        )?));
+    }
+
     // Every other fused op has operands (x_1 .. x_m, stats, affine, last),
     // with m >= 1, as the shape rule checked before lowering.
-    let m = inputs.len() - 3;
+    let m = inputs.len() - 3 - usize::from(matches!(op, Op::BnReluConvBias { .. }));
     let parts: Vec<usize> = inputs[..m].iter().map(|t| t.channels()).collect();
     check_width(op, &parts)?;
     let (h, w, _) = hwc(op, inputs[0])?;
@@ -56,7 +87,17 @@ pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<Lowere
             eps,
         } => {
             let g = Geometry::new(op, &concat, out, (k, stride, pad))?;
-            bn_relu_conv(g, &parts, out.channels(), eps)?
+            bn_relu_conv(g, &parts, out.channels(), eps, None)?
+        }
+        Op::BnReluConvBias {
+            k,
+            stride,
+            pad,
+            eps,
+            relu,
+        } => {
+            let g = Geometry::new(op, &concat, out, (k, stride, pad))?;
+            bn_relu_conv(g, &parts, out.channels(), eps, Some(relu))?
         }
         Op::BnReluConvBackwardFilter {
             k,
@@ -208,18 +249,37 @@ fn bind_norm(l: &mut Lowering, m: usize) -> (Buffer, Buffer) {
 
 /// `y = conv2d(relu(bn(concat(x))), w)`: the `Conv2d` GEMM with
 /// `A[s, tap * C + ci] = z` at tap `tap` of small pixel `s`, channel `ci`.
-fn bn_relu_conv(g: Geometry, parts: &[usize], cout: usize, eps: f32) -> Result<Launch> {
-    let mut l = Lowering::new("bn_relu_conv", GEMM_THREADS as u32);
+/// With `bias = Some(relu)` it is `BnReluConvBias`, which adds `b[co]` to
+/// every output and rectifies when `relu`.
+fn bn_relu_conv(
+    g: Geometry,
+    parts: &[usize],
+    cout: usize,
+    eps: f32,
+    bias: Option<bool>,
+) -> Result<Launch> {
+    let name = if bias.is_some() {
+        "bn_relu_conv_bias"
+    } else {
+        "bn_relu_conv"
+    };
+    let mut l = Lowering::new(name, GEMM_THREADS as u32);
     let x = Concat::bind(&mut l, parts);
     let cin = x.width();
+    let epilogue = match bias {
+        None => "",
+        Some(false) => " The epilogue adds the bias b[co].",
+        Some(true) => " The epilogue adds the bias b[co] and rectifies.",
+    };
     l.doc(format!(
         "{} The A loader reads {} and applies z = max((x - mean) * rsqrt(var + {eps}) * gamma \
-         + beta, 0) while staging the tile.",
+         + beta, 0) while staging the tile.{epilogue}",
         describe("Convolution of relu(bn(concat(x)))", &g, cin, cout),
         x.summary()
     ));
     let norm = bind_norm(&mut l, parts.len());
     let w = l.operand("w", parts.len() + 2);
+    let epilogue = bias.map(|relu| bias_epilogue(l.operand("b", parts.len() + 3), relu));
     let y = l.result("y");
     let n = l.batch();
 
@@ -243,7 +303,10 @@ fn bn_relu_conv(g: Geometry, parts: &[usize], cout: usize, eps: f32) -> Result<L
         y,
         out: &out,
     };
-    emit(&mut l, gemm);
+    match &epilogue {
+        Some(epilogue) => emit_with(&mut l, gemm, epilogue),
+        None => emit(&mut l, gemm),
+    }
     l.finish()
 }
 
@@ -293,6 +356,65 @@ fn bn_relu_conv_backward_filter(
         out: &out,
     };
     emit(&mut l, gemm);
+    l.finish()
+}
+
+/// `y[img, ch] = mean over the pixels of z`: one thread per output element,
+/// with consecutive threads on consecutive channels so that the loads of a
+/// warp coalesce within each input, and the pixels summed in order.
+fn bn_relu_global_avg_pool(pixels: usize, parts: &[usize], eps: f32) -> Result<Launch> {
+    let mut l = Lowering::new("bn_relu_global_avg_pool", THREADS);
+    let x = Concat::bind(&mut l, parts);
+    let c = x.width();
+    l.doc(format!(
+        "Global average pool over {pixels} pixels of z = max((x - mean) * rsqrt(var + {eps}) * \
+         gamma + beta, 0) for {}: y[img, ch] = sum over pixels of z / {pixels}. One thread per \
+         output element sums its pixels in order.",
+        x.summary()
+    ));
+    let norm = bind_norm(&mut l, parts.len());
+    let y = l.result("y");
+    let n = l.batch();
+    l.per_element(n * int(c), |b, i| {
+        let img = b.let_("img", &i / int(c));
+        let ch = b.let_("ch", &i % int(c));
+        let bn = Norm::load(b, norm, c, eps, &ch);
+        let acc = b.let_("acc", 0.0f32);
+        b.for_("p", 0, int(pixels), 1, |b, p| {
+            let pixel = &img * int(pixels) + p;
+            let z = bn.affine(concat_load(&x, &pixel, &ch)).max(0.0f32);
+            b.assign(&acc, &acc + z);
+        });
+        b.store(y.mem(), &i, &acc * (1.0 / pixels as f32));
+    });
+    l.finish()
+}
+
+/// `y = avg_pool(z)`: the average pool of [`super::pool`] with taps that
+/// normalise and rectify the input they read.
+fn bn_relu_avg_pool(
+    op: &Op,
+    types: (&TensorType, &TensorType),
+    window: (usize, usize, usize),
+    parts: &[usize],
+    eps: f32,
+) -> Result<Launch> {
+    let mut l = Lowering::new("bn_relu_avg_pool", THREADS);
+    let x = Concat::bind(&mut l, parts);
+    let c = x.width();
+    let (k, stride, pad) = window;
+    l.doc(format!(
+        "{k}x{k} average pooling, stride {stride}, padding {pad}, dividing by the in-bounds \
+         taps, of z = max((x - mean) * rsqrt(var + {eps}) * gamma + beta, 0) for {}. One thread \
+         per output element.",
+        x.summary()
+    ));
+    let norm = bind_norm(&mut l, parts.len());
+    let tap = |b: &mut KernelBuilder, pixel: &Expr, ch: &Expr| {
+        let bn = Norm::load(b, norm, c, eps, ch);
+        bn.affine(concat_load(&x, pixel, ch)).max(0.0f32)
+    };
+    emit_avg_pool(&mut l, op, types, window, &tap)?;
     l.finish()
 }
 

@@ -25,10 +25,15 @@
 //!   kernel template tiled through shared memory;
 //! - [`fused`]: the fused ops of the fusion pass, `ConcatStats`,
 //!   `BnReluConv`, `BnReluConvBackwardFilter` (the conv template with an A
-//!   loader that normalises and rectifies), `BnReluBackward` and
+//!   loader that normalises and rectifies), `BnReluGlobalAvgPool`,
+//!   `BnReluAvgPool`, `BnReluBackward` and
 //!   `BnReluAffineGrad` (the batch-norm gradients with a recomputed ReLU
 //!   mask). Each reads every input of the concatenation from its own buffer
-//!   and never writes the concatenation.
+//!   and never writes the concatenation. `BnReluConvBias` is `BnReluConv`
+//!   with the bias epilogue of a folded batch norm;
+//! - [`fold`]: `BnFoldWeight` and `BnFoldBias`, the folded weight and bias of
+//!   a conv followed by an evaluation-mode batch norm. `Conv2dBias`, the
+//!   folded conv, is the [`conv`] template with a bias epilogue.
 //!
 //! Every reduction has a fixed order that does not depend on timing, and no
 //! lowering uses `atomicAdd`, so a kernel gives the same bits on every run.
@@ -38,6 +43,7 @@
 pub mod conv;
 pub mod dense;
 pub mod elementwise;
+pub mod fold;
 pub mod fused;
 pub mod norm;
 pub mod pool;
@@ -278,6 +284,7 @@ pub fn lower_step(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<L
         | Op::RmsPropUpdate { .. }
         | Op::BnRunningUpdate { .. } => dense::lower(op, inputs, out),
         Op::Conv2d { .. }
+        | Op::Conv2dBias { .. }
         | Op::Conv2dBackwardData { .. }
         | Op::Conv2dBackwardFilter { .. }
         | Op::ConvTranspose2d { .. }
@@ -285,9 +292,13 @@ pub fn lower_step(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<L
         | Op::ConvTranspose2dBackwardFilter { .. } => conv::lower(op, inputs, out),
         Op::ConcatStats
         | Op::BnReluConv { .. }
+        | Op::BnReluConvBias { .. }
+        | Op::BnReluGlobalAvgPool { .. }
+        | Op::BnReluAvgPool { .. }
         | Op::BnReluConvBackwardFilter { .. }
         | Op::BnReluBackward { .. }
         | Op::BnReluAffineGrad { .. } => fused::lower(op, inputs, out),
+        Op::BnFoldWeight { .. } | Op::BnFoldBias { .. } => fold::lower(op, inputs, out),
     }
 }
 

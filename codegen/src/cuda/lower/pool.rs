@@ -230,6 +230,33 @@ fn avg_pool(w: Window, out: &TensorType) -> Result<super::Launch> {
     l.finish()
 }
 
+/// Emits an average pool from `big` to `out` into `l`, with the output
+/// buffer and batch size as its last parameters: one thread per output
+/// element sums `tap(pixel, ch)` over the in-bounds taps and divides by their
+/// count, where `pixel` is the flat big-side pixel `(img * h + y) * w + x`.
+pub(super) fn emit_avg_pool(
+    l: &mut Lowering,
+    op: &Op,
+    (big, out): (&TensorType, &TensorType),
+    window: (usize, usize, usize),
+    tap: &dyn Fn(&mut KernelBuilder, &Expr, &Expr) -> Expr,
+) -> Result<()> {
+    let w = Window::new(op, big, out, window)?;
+    let y = l.result("y");
+    let n = l.batch();
+    l.per_element(numel(out, &n), |b, i| {
+        let [img, sy, sx, ch] = w.split(b, &i, w.sh, w.sw);
+        let acc = b.let_("acc", 0.0f32);
+        w.for_taps(b, &sy, &sx, |b, by, bx| {
+            let pixel = (&img * int(w.bh) + by) * int(w.bw) + bx;
+            let value = tap(b, &pixel, &ch);
+            b.assign(&acc, &acc + value);
+        });
+        b.store(y.mem(), &i, acc / w.tap_count(&sy, &sx).to_f32());
+    });
+    Ok(())
+}
+
 fn max_pool(w: Window, out: &TensorType) -> Result<super::Launch> {
     let mut l = Lowering::new("max_pool", THREADS);
     l.doc(format!(

@@ -29,7 +29,7 @@
 
 use super::conv;
 use crate::kernels::dispatch::BnRelu;
-use crate::kernels::layout::{ConvShape, Window};
+use crate::kernels::layout::{ConvShape, PoolShape, Window};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -360,6 +360,60 @@ fn masked_sums(norm: &Normaliser, dz: &[f32]) -> Vec<f64> {
         }
     }
     sums
+}
+
+/// `y[img, ch] = mean over the pixels of relu(bn(x))`, one rayon task per
+/// image. Each task rectifies `BLOCK_ROWS` pixels at a time into a small
+/// scratch buffer and adds them up in f64, so the result does not depend on
+/// the thread count.
+pub fn bn_relu_global_avg_pool(input: &BnRelu, y: &mut [f32]) {
+    let norm = Normaliser::new(input);
+    let c = norm.width;
+    if c == 0 || y.is_empty() {
+        return;
+    }
+    let pixels = input.pixels / (y.len() / c);
+    y.par_chunks_mut(c).enumerate().for_each(|(img, out)| {
+        let mut acc = vec![0f64; c];
+        let mut z = vec![0f32; BLOCK_ROWS.min(pixels) * c];
+        let mut done = 0;
+        while done < pixels {
+            let rows = BLOCK_ROWS.min(pixels - done);
+            let block = &mut z[..rows * c];
+            norm.rectify_block(img * pixels + done, block);
+            for row in block.chunks_exact(c) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += *v as f64;
+                }
+            }
+            done += rows;
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = (a / pixels as f64) as f32;
+        }
+    });
+}
+
+/// `y = avg_pool(relu(bn(x)))`, one rayon task per image: each rectifies its
+/// image into a scratch buffer and pools it with the fast average pool, so
+/// the scratch holds one image, never the batch.
+pub fn bn_relu_avg_pool(shape: &PoolShape, input: &BnRelu, y: &mut [f32]) {
+    let norm = Normaliser::new(input);
+    let c = norm.width;
+    let win = &shape.win;
+    let (big, small) = (win.big_h * win.big_w, win.small_h * win.small_w);
+    if c == 0 || small == 0 {
+        return;
+    }
+    let mut one = *shape;
+    one.win.n = 1;
+    y.par_chunks_mut(small * c)
+        .enumerate()
+        .for_each(|(img, out)| {
+            let mut z = vec![0f32; big * c];
+            norm.rectify_block(img * big, &mut z);
+            super::pool::avg_pool(&one, &z, out);
+        });
 }
 
 /// Gradient of `z = relu(bn(x))` with respect to the concatenation `x`, with

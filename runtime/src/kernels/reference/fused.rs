@@ -5,9 +5,9 @@
 //! `z = relu(u)`, then calls the reference kernel of the unfused op. That is
 //! the definition the fast set must match, so these kernels copy on purpose.
 
-use super::{conv, elementwise, norm};
+use super::{conv, elementwise, norm, pool};
 use crate::kernels::dispatch::BnRelu;
-use crate::kernels::layout::ConvShape;
+use crate::kernels::layout::{ConvShape, PoolShape};
 
 /// Concatenates `[2, c_i]` statistics along channels: row 0 (means) of the
 /// result is the concatenation of the parts' row 0, and row 1 (variances)
@@ -78,6 +78,16 @@ pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
 pub fn bn_relu_affine_grad(input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
     let (x, du) = masked_grad(input, dz);
     norm::bn_affine_grad(&x, input.stats, &du, input.eps, grad)
+}
+
+/// `y = global_avg_pool(relu(bn(concat(x_1 .. x_m))))`, a `[N, C]` matrix.
+pub fn bn_relu_global_avg_pool(input: &BnRelu, y: &mut [f32]) {
+    pool::global_avg_pool(&rectified(input), input.width(), y)
+}
+
+/// `y = avg_pool(relu(bn(concat(x_1 .. x_m))))`.
+pub fn bn_relu_avg_pool(shape: &PoolShape, input: &BnRelu, y: &mut [f32]) {
+    pool::avg_pool(shape, &rectified(input), y)
 }
 
 #[cfg(test)]
