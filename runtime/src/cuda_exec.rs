@@ -90,12 +90,10 @@ fn driver(action: impl Into<String>) -> impl FnOnce(DriverError) -> CudaExecErro
     move |source| CudaExecError::Driver { action, source }
 }
 
-/// One launch with its loaded function and uploaded constant tables.
+/// One launch with its loaded function.
 struct LoadedLaunch {
     launch: Launch,
     function: CudaFunction,
-    /// Device copies of the `Binding::Constant` tables, by parameter position.
-    constants: HashMap<usize, CudaSlice<f32>>,
 }
 
 struct LoadedStep {
@@ -201,20 +199,7 @@ impl CudaExecutor {
                         f
                     }
                 };
-                let mut constants = HashMap::new();
-                for (position, binding) in launch.args.iter().enumerate() {
-                    if let Binding::Constant(values) = binding {
-                        let table = stream
-                            .clone_htod(values)
-                            .map_err(driver("uploading a constant table"))?;
-                        constants.insert(position, table);
-                    }
-                }
-                launches.push(LoadedLaunch {
-                    launch,
-                    function,
-                    constants,
-                });
+                launches.push(LoadedLaunch { launch, function });
             }
             let scratch = step
                 .scratch
@@ -398,12 +383,11 @@ impl CudaExecutor {
         };
 
         let mut builder = self.stream.launch_builder(&loaded.function);
-        for (position, binding) in loaded.launch.args.iter().enumerate() {
+        for binding in &loaded.launch.args {
             match binding {
                 Binding::Input(i) => builder.arg(self.value(step.inputs[*i])?),
                 Binding::Output => builder.arg(self.value(step.output)?),
                 Binding::Scratch(j) => builder.arg(&self.steps[s].scratch[*j]),
-                Binding::Constant(_) => builder.arg(&loaded.constants[&position]),
                 Binding::Batch => builder.arg(&n),
                 Binding::Seed => builder.arg(&seed),
                 Binding::LearningRate => builder.arg(&lr),

@@ -513,23 +513,12 @@ fn gpu_run_step(
             })
             .collect();
         let [gx, gy, gz] = launch_grid(kernel, &mut shape_args).map_err(|e| text(&e))?;
-        let constants: Vec<_> = launch
-            .args
-            .iter()
-            .map(|b| match b {
-                Binding::Constant(v) => upload(v).map(Some),
-                _ => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
         let mut builder = stream.launch_builder(function);
-        for (position, binding) in launch.args.iter().enumerate() {
+        for binding in &launch.args {
             match binding {
                 Binding::Input(i) => builder.arg(&operands[*i]),
                 Binding::Output => builder.arg(&output),
                 Binding::Scratch(j) => builder.arg(&scratch[*j]),
-                Binding::Constant(_) => {
-                    builder.arg(constants[position].as_ref().expect("uploaded above"))
-                }
                 Binding::Batch => builder.arg(&n32),
                 Binding::Seed => builder.arg(&seed),
                 Binding::LearningRate => builder.arg(&lr),

@@ -596,7 +596,6 @@ pub fn run_step(
                 Binding::Input(i) => take(&mut inputs[*i]),
                 Binding::Output => take(output),
                 Binding::Scratch(j) => take(&mut scratch[*j]),
-                Binding::Constant(values) => Arg::Buffer(values.clone()),
                 Binding::Batch => Arg::I32(i32::try_from(scalars.n).unwrap_or(i32::MAX)),
                 Binding::Seed => Arg::U64(scalars.seed),
                 Binding::LearningRate => Arg::F32(scalars.lr),

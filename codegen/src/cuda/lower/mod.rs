@@ -71,8 +71,6 @@ pub enum Binding {
     Output,
     /// Scratch buffer `j` of the step, with undefined contents on entry.
     Scratch(usize),
-    /// A table uploaded once with these values.
-    Constant(Vec<f32>),
     /// The batch size, as `int`.
     Batch,
     /// The step's random seed, as `unsigned long long`.
