@@ -5,17 +5,25 @@
 //! Writes go to a temporary file in the destination folder, are flushed to disk,
 //! then renamed over the destination, so a crash leaves either the old or the
 //! new checkpoint and never a torn one.
+//!
+//! The metadata key `crc32` stores a CRC32 of the other metadata and of every
+//! tensor's name, shape and data, so a checkpoint damaged on disk or in a copy
+//! fails to load instead of restoring wrong weights. Checkpoints written before
+//! that key existed still load, with a warning that they are unverified.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
 
 use crate::store::Store;
 
 /// Version of the checkpoint layout; loading another version is an error.
 pub const CHECKPOINT_VERSION: u32 = 1;
+
+/// Metadata key of the checksum, stored as 8 lowercase hex digits.
+const CHECKSUM_KEY: &str = "crc32";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -31,8 +39,24 @@ pub enum CheckpointError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a valid safetensors checkpoint: {message}")]
+    /// A file that does not parse as safetensors, such as another kind of file
+    /// or a checkpoint cut short.
+    #[error(
+        "{path} is not a checkpoint or is truncated: {reason}; pass the \
+         checkpoint.safetensors that `ldnc train` wrote (or its run folder)"
+    )]
+    NotCheckpoint { path: PathBuf, reason: String },
+    #[error("{path} is not a valid ldnc checkpoint: {message}")]
     Format { path: PathBuf, message: String },
+    #[error(
+        "{path} is damaged: the CRC32 of its contents is {computed:08x}, but it was written \
+         with {stored:08x}; restore an earlier copy of the checkpoint or retrain"
+    )]
+    Damaged {
+        path: PathBuf,
+        stored: u32,
+        computed: u32,
+    },
     #[error(
         "{path} was written by checkpoint format {found}, this ldnc reads format {expected}; \
          retrain or use the ldnc version that wrote it"
@@ -97,6 +121,11 @@ pub fn save(path: &Path, store: &Store, meta: &Meta) -> Result<(), CheckpointErr
     info.insert("step".to_string(), meta.step.to_string());
     info.insert("seed".to_string(), meta.seed.to_string());
     info.insert("config".to_string(), meta.config_json.clone());
+    let tensors = bytes
+        .iter()
+        .map(|(name, dims, raw)| (name.as_str(), dims.as_slice(), raw.as_slice()));
+    let crc = checksum(&info, tensors);
+    info.insert(CHECKSUM_KEY.to_string(), format!("{crc:08x}"));
     let encoded = safetensors::tensor::serialize(views, &Some(info))
         .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
 
@@ -134,7 +163,11 @@ pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
         path: path.to_path_buf(),
         message,
     };
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| format(e.to_string()))?;
+    let not_checkpoint = |error: SafeTensorError| CheckpointError::NotCheckpoint {
+        path: path.to_path_buf(),
+        reason: describe(&error),
+    };
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(not_checkpoint)?;
     let info = header.metadata().clone().unwrap_or_default();
     let version = info
         .get("ldnc_checkpoint")
@@ -165,9 +198,13 @@ pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
         seed: number("seed")?,
         config_json: field("config")?,
     };
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
+    let tensors = SafeTensors::deserialize(&bytes).map_err(not_checkpoint)?;
+    let mut views = tensors.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    verify(path, &info, &views)?;
+
     let mut out = HashMap::new();
-    for (name, view) in tensors.tensors() {
+    for (name, view) in views {
         if view.dtype() != Dtype::F32 {
             return Err(format(format!(
                 "tensor {name} is {:?}, expected F32",
@@ -182,6 +219,102 @@ pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
         out.insert(name, (view.shape().to_vec(), data));
     }
     Ok((out, meta))
+}
+
+/// Computes the checksum stored under [`CHECKSUM_KEY`]: a CRC32 over every
+/// metadata key and value other than the checksum, in key order, then over
+/// every tensor's name, shape and little-endian data, in the order given.
+/// Strings and shapes are prefixed with their length, so that moving bytes
+/// from one field to the next changes the sum.
+fn checksum<'a>(
+    info: &HashMap<String, String>,
+    tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [u8])>,
+) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut add = |bytes: &[u8]| {
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    let sorted: BTreeMap<&String, &String> = info
+        .iter()
+        .filter(|(key, _)| key.as_str() != CHECKSUM_KEY)
+        .collect();
+    for (key, value) in sorted {
+        add(key.as_bytes());
+        add(value.as_bytes());
+    }
+    for (name, dims, data) in tensors {
+        add(name.as_bytes());
+        let dims: Vec<u8> = dims
+            .iter()
+            .flat_map(|&d| (d as u64).to_le_bytes())
+            .collect();
+        add(&dims);
+        add(data);
+    }
+    hasher.finalize()
+}
+
+/// Checks the stored checksum against the loaded metadata and tensors, which
+/// must be in name order as [`save`] wrote them. A checkpoint without a
+/// checksum was written by an older ldnc and loads with a warning.
+fn verify(
+    path: &Path,
+    info: &HashMap<String, String>,
+    views: &[(String, TensorView<'_>)],
+) -> Result<(), CheckpointError> {
+    let Some(text) = info.get(CHECKSUM_KEY) else {
+        tracing::warn!(
+            "{} has no `{CHECKSUM_KEY}` checksum because an older ldnc wrote it, so its \
+             tensors load unverified; the next checkpoint that training writes will have one",
+            path.display()
+        );
+        return Ok(());
+    };
+    let stored = u32::from_str_radix(text, 16).map_err(|_| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message: format!("metadata key `{CHECKSUM_KEY}` is `{text}`, not 8 hex digits"),
+    })?;
+    let tensors = views
+        .iter()
+        .map(|(name, view)| (name.as_str(), view.shape(), view.data()));
+    let computed = checksum(info, tensors);
+    if computed != stored {
+        return Err(CheckpointError::Damaged {
+            path: path.to_path_buf(),
+            stored,
+            computed,
+        });
+    }
+    Ok(())
+}
+
+/// Describes why a file is not a readable safetensors file, in words.
+fn describe(error: &SafeTensorError) -> String {
+    match error {
+        SafeTensorError::HeaderTooSmall => {
+            "it is shorter than the 8-byte length that starts a safetensors file".into()
+        }
+        SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength => {
+            "its first 8 bytes do not give a header length that fits in the file".into()
+        }
+        SafeTensorError::InvalidHeader
+        | SafeTensorError::InvalidHeaderStart
+        | SafeTensorError::InvalidHeaderDeserialization
+        | SafeTensorError::JsonError(_) => "its header is not safetensors JSON".into(),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "its tensor data is shorter or longer than its header declares".into()
+        }
+        SafeTensorError::InvalidOffset(name) => {
+            format!("its header gives invalid data offsets for tensor `{name}`")
+        }
+        SafeTensorError::TensorInvalidInfo
+        | SafeTensorError::ValidationOverflow
+        | SafeTensorError::InvalidTensorView(..) => {
+            "its header gives tensor shapes that do not match their data offsets".into()
+        }
+        other => format!("safetensors reports {other:?}"),
+    }
 }
 
 /// Copies checkpoint tensors into `store`, which must have exactly the same
@@ -209,4 +342,173 @@ pub fn restore(path: &Path, store: &mut Store, tensors: Tensors) -> Result<(), C
         entry.data.clone_from(data);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use ldnc_ir::op::Role;
+    use ldnc_ir::TensorType;
+
+    use super::*;
+    use crate::store::Entry;
+
+    fn store() -> Store {
+        let mut store = Store::default();
+        for (name, len) in [("b.weight", 300), ("a.bias", 7)] {
+            let data = (0..len).map(|i| i as f32 * 0.25 - 3.0).collect();
+            let entry = Entry {
+                ty: TensorType::fixed(&[len]),
+                role: Role::Param,
+                data,
+            };
+            store.entries.insert(name.to_string(), entry);
+        }
+        store
+    }
+
+    fn meta() -> Meta {
+        Meta {
+            network: "net".into(),
+            spec_json: "{}".into(),
+            epoch: 2,
+            step: 40,
+            seed: 1,
+            config_json: "{}".into(),
+        }
+    }
+
+    fn saved() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("checkpoint.safetensors");
+        save(&path, &store(), &meta()).expect("save");
+        (dir, path)
+    }
+
+    #[test]
+    fn round_trip_verifies_checksum() {
+        let (_dir, path) = saved();
+        let (tensors, loaded) = load(&path).expect("load");
+        assert_eq!(loaded, meta());
+        let mut restored = store();
+        restored.entries.values_mut().for_each(|e| e.data.fill(0.0));
+        restore(&path, &mut restored, tensors).expect("restore");
+        assert_eq!(restored, store());
+    }
+
+    #[test]
+    fn flipped_data_bytes_are_damage() {
+        let (_dir, path) = saved();
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The tensor data is at the end of the file, after the JSON header.
+        let end = bytes.len();
+        for byte in &mut bytes[end - 100..] {
+            *byte ^= 0x5a;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+
+        let err = load(&path).unwrap_err();
+        assert!(matches!(err, CheckpointError::Damaged { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("checkpoint.safetensors is damaged"), "{text}");
+        assert!(text.contains("retrain"), "{text}");
+    }
+
+    #[test]
+    fn changed_metadata_is_damage() {
+        let (_dir, path) = saved();
+        let bytes = std::fs::read(&path).unwrap();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let at = text.find("\"epoch\":\"2\"").expect("epoch in the header");
+        let mut bytes = bytes;
+        bytes[at + "\"epoch\":\"".len()] = b'7';
+        std::fs::write(&path, &bytes).unwrap();
+
+        let err = load(&path).unwrap_err();
+        assert!(matches!(err, CheckpointError::Damaged { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn checkpoint_without_checksum_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.safetensors");
+        let store = store();
+        let raw: Vec<(String, Vec<usize>, Vec<u8>)> = store
+            .entries
+            .iter()
+            .map(|(name, e)| {
+                let bytes = e.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (name.clone(), e.ty.dims.clone(), bytes)
+            })
+            .collect();
+        let views = raw
+            .iter()
+            .map(|(name, dims, bytes)| {
+                (
+                    name.clone(),
+                    TensorView::new(Dtype::F32, dims.clone(), bytes).unwrap(),
+                )
+            })
+            .collect::<Vec<_>>();
+        let meta = meta();
+        let info: HashMap<String, String> = [
+            ("ldnc_checkpoint", CHECKPOINT_VERSION.to_string()),
+            ("network", meta.network.clone()),
+            ("spec", meta.spec_json.clone()),
+            ("epoch", meta.epoch.to_string()),
+            ("step", meta.step.to_string()),
+            ("seed", meta.seed.to_string()),
+            ("config", meta.config_json.clone()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect();
+        let bytes = safetensors::tensor::serialize(views, &Some(info)).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+
+        let (tensors, loaded) = load(&path).expect("a checkpoint without checksum loads");
+        assert_eq!(loaded, meta);
+        assert_eq!(tensors["a.bias"].1, store.entries["a.bias"].data);
+    }
+
+    #[test]
+    fn other_files_are_not_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&str, &[u8], &str); 3] = [
+            ("short", b"{}", "shorter than the 8-byte length"),
+            (
+                "metrics.jsonl",
+                b"{\"epoch\":1,\"loss\":0.5}\n",
+                "header length",
+            ),
+            (
+                "garbage",
+                b"\x10\x00\x00\x00\x00\x00\x00\x00not json here!!!",
+                "not safetensors JSON",
+            ),
+        ];
+        for (name, bytes, reason) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let text = load(&path).unwrap_err().to_string();
+            assert!(
+                text.contains("is not a checkpoint or is truncated"),
+                "{text}"
+            );
+            assert!(text.contains(reason), "{name}: {text}");
+            assert!(text.contains(name), "{text}");
+        }
+    }
+
+    #[test]
+    fn truncated_checkpoint_is_explained() {
+        let (_dir, path) = saved();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let text = load(&path).unwrap_err().to_string();
+        assert!(
+            text.contains("is not a checkpoint or is truncated"),
+            "{text}"
+        );
+        assert!(text.contains("shorter or longer"), "{text}");
+    }
 }

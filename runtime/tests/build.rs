@@ -238,6 +238,17 @@ fn built_executable_trains_evaluates_and_inspects() {
 
     let message = run_err(&exe, &["inspect", "--set", "growth=8"], work.path());
     assert!(message.contains("--set"), "{message}");
+
+    // The executable verifies the checkpoint's checksum like `ldnc eval`.
+    let checkpoint = run_dir.join("checkpoint.safetensors");
+    let offset = file_len(&checkpoint) - 1000;
+    let flipped: Vec<u8> = read_at(&checkpoint, offset, 100)
+        .iter()
+        .map(|byte| !byte)
+        .collect();
+    write_at(&checkpoint, offset, &flipped);
+    let message = run_err(&exe, &eval_args, work.path());
+    assert!(message.contains("is damaged"), "{message}");
 }
 
 #[test]

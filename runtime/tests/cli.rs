@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use ldnc_runtime::data::encode_idx;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -276,6 +278,101 @@ fn unreadable_checkpoint_is_named() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Writes a Fashion-MNIST-shaped dataset of 32 train and 16 test images into
+/// `dir`, so that an epoch of the small quick-start network takes well under
+/// a second.
+fn write_tiny_dataset(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let images = |count: usize| -> Vec<u8> {
+        (0..count * 28 * 28)
+            .map(|i| ((i * 7) % 256) as u8)
+            .collect()
+    };
+    let labels = |count: usize| -> Vec<u8> { (0..count).map(|i| (i % 10) as u8).collect() };
+    let files = [
+        (
+            "train-images-idx3-ubyte",
+            encode_idx(&[32, 28, 28], &images(32)),
+        ),
+        ("train-labels-idx1-ubyte", encode_idx(&[32], &labels(32))),
+        (
+            "t10k-images-idx3-ubyte",
+            encode_idx(&[16, 28, 28], &images(16)),
+        ),
+        ("t10k-labels-idx1-ubyte", encode_idx(&[16], &labels(16))),
+    ];
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    format!("fashion-mnist:{}", dir.display())
+}
+
+/// Trains the small quick-start network for one epoch on the tiny dataset
+/// into `dir/run`, and returns the data spec.
+fn train_tiny_run(dir: &Path) -> String {
+    let data = write_tiny_dataset(&dir.join("tiny"));
+    let net = repo().join("examples/quickstart.ron");
+    let mut args = vec![
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        &data,
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--out",
+        "run",
+        "-q",
+    ];
+    args.extend(SMALL);
+    let out = ldnc(&args, dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    data
+}
+
+#[test]
+fn damaged_checkpoint_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_tiny_run(dir.path());
+    let path = dir.path().join("run/checkpoint.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The tensor data fills the end of the file, after the JSON header.
+    let middle = bytes.len() - 2000;
+    for byte in &mut bytes[middle..middle + 100] {
+        *byte = !*byte;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+
+    let out = ldnc(&["eval", "run", "--data", &data], dir.path());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("checkpoint.safetensors is damaged"), "{err}");
+    assert!(err.contains("retrain"), "{err}");
+
+    let net = repo().join("examples/quickstart.ron");
+    let mut args = vec![
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        &data,
+        "--epochs",
+        "2",
+        "--batch",
+        "16",
+        "--resume",
+        "run",
+        "-q",
+    ];
+    args.extend(SMALL);
+    let out = ldnc(&args, dir.path());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("checkpoint.safetensors is damaged"), "{err}");
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1, "resuming trained on: {metrics}");
 }
 
 #[test]

@@ -159,12 +159,22 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
         }
     });
     let cuda = parse_device(&device)?;
-    let (spec, config, start, out) = match &args.resume {
-        Some(dir) => resume_settings(source, args, dir)?,
+    let (spec, config, start, out, stored) = match &args.resume {
+        Some(dir) => {
+            let resumed = resume_settings(source, args, dir)?;
+            let stored = Some((resumed.checkpoint, resumed.tensors));
+            (
+                resumed.spec,
+                resumed.config,
+                resumed.start,
+                dir.clone(),
+                stored,
+            )
+        }
         None => {
             let spec = source.spec.clone();
             let config = config_from(&spec, args, quiet)?;
-            (spec, config, Position::default(), args.out.clone())
+            (spec, config, Position::default(), args.out.clone(), None)
         }
     };
     let (data_spec, source_data) = open_data(&args.data)?;
@@ -178,9 +188,7 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
     let compiled = source.programs(&spec, options)?;
     let mut session = Session::new(compiled, config.batch, args.kernels.into(), config.seed)?;
     let files = RunFiles { dir: out.clone() };
-    if args.resume.is_some() {
-        let path = files.checkpoint();
-        let (tensors, _) = checkpoint::load(&path)?;
+    if let Some((path, tensors)) = stored {
         checkpoint::restore(&path, &mut session.store, tensors)?;
     } else if files.checkpoint().exists() {
         bail!(
@@ -326,17 +334,24 @@ fn schedule_from(
     }
 }
 
-/// Spec, configuration and position stored in a run folder's checkpoint.
-fn resume_settings(
-    source: &NetSource,
-    args: &TrainOptions,
-    dir: &Path,
-) -> Result<(NetSpec, TrainConfig, Position, PathBuf)> {
+/// A run folder's checkpoint, read once for resuming: the spec, configuration
+/// and position stored with it, and its tensors.
+struct Resumed {
+    checkpoint: PathBuf,
+    spec: NetSpec,
+    config: TrainConfig,
+    start: Position,
+    tensors: checkpoint::Tensors,
+}
+
+/// Reads the checkpoint in `dir` and applies the flags that may change on
+/// resuming.
+fn resume_settings(source: &NetSource, args: &TrainOptions, dir: &Path) -> Result<Resumed> {
     let path = RunFiles {
         dir: dir.to_path_buf(),
     }
     .checkpoint();
-    let (_, meta) =
+    let (tensors, meta) =
         checkpoint::load(&path).with_context(|| format!("cannot resume from {}", dir.display()))?;
     let spec: NetSpec = serde_json::from_str(&meta.spec_json)
         .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
@@ -362,7 +377,13 @@ fn resume_settings(
         epoch: meta.epoch,
         step: meta.step,
     };
-    Ok((spec, config, start, dir.to_path_buf()))
+    Ok(Resumed {
+        checkpoint: path,
+        spec,
+        config,
+        start,
+        tensors,
+    })
 }
 
 #[derive(Debug, Args)]
