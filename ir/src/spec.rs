@@ -414,6 +414,18 @@ impl NetSpec {
                 "must be at least 1 (the paper uses 12 to 48)".into(),
             );
         }
+        if self.train.batch == 0 {
+            return invalid(
+                "train.batch",
+                "is 0; a training step needs at least 1 image, e.g. 64".into(),
+            );
+        }
+        if self.train.epochs == 0 {
+            return invalid(
+                "train.epochs",
+                "is 0; training needs at least 1 epoch, e.g. 300".into(),
+            );
+        }
         if let Optimizer::RmsProp { decay, eps } = self.train.optimizer {
             if !(0.0..1.0).contains(&decay) {
                 return invalid(
@@ -833,6 +845,18 @@ mod tests {
         spec.growth = 8;
         spec.blocks = vec![4; 7];
         assert!(spec.validate().unwrap_err().to_string().contains("32x32"));
+    }
+
+    #[test]
+    fn zero_batch_or_epochs_rejected() {
+        let spec = NetSpec::from_ron(SMALL, "small.ron").unwrap();
+        let validate = |item: &str| spec.with_overrides(&[item.into()]).unwrap().validate();
+        let batch = validate("train.batch=0").unwrap_err();
+        assert!(batch.to_string().contains("`train.batch`"), "{batch}");
+        let epochs = validate("train.epochs=0").unwrap_err();
+        assert!(epochs.to_string().contains("`train.epochs`"), "{epochs}");
+        assert!(validate("train.batch=1").is_ok());
+        assert!(validate("train.epochs=1").is_ok());
     }
 
     #[test]

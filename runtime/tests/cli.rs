@@ -376,6 +376,71 @@ fn damaged_checkpoint_is_rejected() {
 }
 
 #[test]
+fn zero_counts_rejected_before_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = repo().join("examples/quickstart.ron");
+    let net = net.to_str().unwrap();
+    let data = bundled();
+    let train = ["train", net, "--data", &data, "--out", "run"];
+    let cases = [
+        (vec!["--batch", "0"], "'--batch"),
+        (vec!["--epochs", "0"], "'--epochs"),
+        (vec!["--set", "train.batch=0"], "`train.batch`"),
+        (vec!["--set", "train.epochs=0"], "`train.epochs`"),
+    ]
+    .map(|(flags, named)| ([&train[..], &flags[..]].concat(), named));
+    let others = [
+        (
+            vec!["eval", "run", "--data", &data, "--batch", "0"],
+            "'--batch",
+        ),
+        (vec!["bench", net, "--steps", "0"], "'--steps"),
+        (vec!["bench", net, "--batch", "0"], "'--batch"),
+    ];
+    for (args, named) in cases.into_iter().chain(others) {
+        let out = ldnc(&args, dir.path());
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        assert!(err.contains(named), "{args:?}: {err}");
+        assert!(err.contains("at least 1"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!dir.path().join("run").exists(), "{args:?} created run");
+    }
+}
+
+#[test]
+fn resuming_finished_run_says_how() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_tiny_run(dir.path());
+    let net = repo().join("examples/quickstart.ron");
+    let mut args = vec![
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        &data,
+        "--resume",
+        "run",
+    ];
+    args.extend(SMALL);
+
+    let out = ldnc(&[&args[..], &["--epochs", "1"]].concat(), dir.path());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("has already completed 1 epoch ("), "{err}");
+    assert!(err.contains("--epochs M with M larger than 1"), "{err}");
+
+    let out = ldnc(&args, dir.path());
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("completed 1 epoch"),
+        "{}",
+        stderr(&out)
+    );
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1, "{metrics}");
+}
+
+#[test]
 fn cuda_device_fails_clearly_without_a_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let net = repo().join("examples/quickstart.ron");

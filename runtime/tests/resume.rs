@@ -211,3 +211,20 @@ fn checkpoint_of_another_network_is_rejected() {
     assert!(text.contains("another network"), "{text}");
     assert!(text.contains("shape"), "{text}");
 }
+
+#[test]
+fn zero_batch_rejected_before_output() {
+    let data = small(8, 4);
+    let mut session = Session::new(compile(&tiny_spec()), 4, KernelSet::Fast, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files = RunFiles {
+        dir: dir.path().join("run"),
+    };
+    for (epochs, batch) in [(1, 0), (0, 4)] {
+        let config = config(epochs, batch, 0.1);
+        let err = train::train(&mut session, &data, &config, &files, Position::default());
+        let text = err.unwrap_err().to_string();
+        assert!(text.contains("must be at least 1"), "{text}");
+        assert!(!files.dir.exists(), "the output folder was created");
+    }
+}

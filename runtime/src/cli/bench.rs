@@ -27,10 +27,10 @@ pub struct BenchArgs {
     #[arg(long = "set", value_name = "PATH=VALUE")]
     pub set: Vec<String>,
     /// Images per training step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::parse_count)]
     pub batch: usize,
     /// Timed training steps (after one warm-up step).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::parse_count)]
     pub steps: usize,
     #[arg(long, value_enum, default_value = "fast")]
     pub kernels: Kernels,
@@ -105,7 +105,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for step in 0..args.steps {
         session.train_step(&images, &labels, n, params(step + 1))?;
     }
-    let seconds = started.elapsed().as_secs_f64() / args.steps.max(1) as f64;
+    let seconds = started.elapsed().as_secs_f64() / args.steps as f64;
 
     let store_bytes: u64 = session
         .store

@@ -22,6 +22,7 @@ use ldnc_runtime::train::{
 };
 
 use super::compile::{compile, CompileOptions};
+use super::plural;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Kernels {
@@ -68,11 +69,12 @@ pub struct TrainOptions {
     /// `svhn:DIR`, `imagenet:DIR` or `camvid:DIR`.
     #[arg(long)]
     pub data: String,
-    /// Epochs (default: the network file's `train.epochs`).
-    #[arg(long)]
+    /// Epochs (default: the network file's `train.epochs`). With `--resume`,
+    /// the total number of epochs to reach.
+    #[arg(long, value_parser = super::parse_count)]
     pub epochs: Option<usize>,
     /// Batch size (default: `train.batch`).
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_count)]
     pub batch: Option<usize>,
     /// Initial learning rate (default: `train.lr`).
     #[arg(long)]
@@ -377,6 +379,16 @@ fn resume_settings(source: &NetSource, args: &TrainOptions, dir: &Path) -> Resul
         epoch: meta.epoch,
         step: meta.step,
     };
+    if start.epoch >= config.epochs {
+        bail!(
+            "the run in {} has already completed {} (the target is {}); to continue it, pass \
+             --epochs M with M larger than {}",
+            dir.display(),
+            plural(start.epoch, "epoch"),
+            config.epochs,
+            start.epoch
+        );
+    }
     Ok(Resumed {
         checkpoint: path,
         spec,
@@ -393,7 +405,8 @@ pub struct EvalArgs {
     /// Dataset to evaluate on (its test split).
     #[arg(long)]
     pub data: String,
-    #[arg(long, default_value_t = 100)]
+    /// Images per evaluation batch.
+    #[arg(long, default_value_t = 100, value_parser = super::parse_count)]
     pub batch: usize,
     #[arg(long, value_enum, default_value = "fast")]
     pub kernels: Kernels,

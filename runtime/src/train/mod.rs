@@ -66,6 +66,11 @@ pub enum TrainError {
         epoch: usize,
         checkpoint: String,
     },
+    #[error(
+        "the training configuration has batch size {batch} and {epochs} epochs; both must be \
+         at least 1 (set --batch and --epochs, or train.batch and train.epochs)"
+    )]
+    EmptyConfig { batch: usize, epochs: usize },
     #[error("cannot write {path}: {source}")]
     Output {
         path: PathBuf,

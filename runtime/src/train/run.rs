@@ -48,6 +48,12 @@ pub fn train_with(
     files: &RunFiles,
     start: Position,
 ) -> Result<Vec<EpochMetrics>, TrainError> {
+    if config.batch == 0 || config.epochs == 0 {
+        return Err(TrainError::EmptyConfig {
+            batch: config.batch,
+            epochs: config.epochs,
+        });
+    }
     session.check_data(data, pipeline)?;
     check_split_sizes(data, &session.net.spec.name, config.batch)?;
     // A fresh run takes the class weights from the training labels, and a
@@ -189,7 +195,7 @@ fn check_split_sizes(data: Data, network: &str, batch: usize) -> Result<(), Trai
         network: network.to_string(),
         reason,
     };
-    if data.train_len() < batch.max(1) {
+    if data.train_len() < batch {
         return Err(incompatible(format!(
             "the train split has {} images, fewer than one batch of {batch}; lower --batch or \
              check the dataset folder",
