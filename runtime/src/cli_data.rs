@@ -2,6 +2,7 @@
 //! dataset, with optional full decoding (`--verify`) and a contact sheet PNG.
 //! `ldnc data bench` (in `cli_data_bench.rs`) times the image-file input pipeline.
 
+use std::io::{self, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -134,16 +135,18 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             .collect();
     }
 
+    let mut out = io::stdout().lock();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print_text(&report);
+        print_text(&mut out, &report)?;
         if let Some(path) = &args.sheet {
-            println!(
+            writeln!(
+                out,
                 "contact sheet: {} (labels: {})",
                 path.display(),
                 legend.join(", ")
-            );
+            )?;
         }
     }
     if !report.failures.is_empty() {
@@ -285,22 +288,28 @@ fn spread_indices(len: usize, count: usize) -> Vec<usize> {
     (0..count).map(|i| i * len / count).collect()
 }
 
-fn print_text(report: &Report) {
-    println!("dataset {} ({} classes)", report.dataset, report.classes);
+fn print_text(out: &mut impl Write, report: &Report) -> io::Result<()> {
+    writeln!(
+        out,
+        "dataset {} ({} classes)",
+        report.dataset, report.classes
+    )?;
     for split in &report.splits {
         let shape = split.shape.map_or("varying size".to_string(), |[h, w, c]| {
             format!("{h}x{w}x{c}")
         });
-        println!("  {:<5} {:>9} images  {shape}", split.name, split.len);
+        writeln!(out, "  {:<5} {:>9} images  {shape}", split.name, split.len)?;
     }
-    println!(
+    writeln!(
+        out,
         "  mean {:?}  std {:?} ({})",
         report.mean, report.std, report.stats_source
-    );
+    )?;
     if let Some(ignore) = report.ignore_label {
-        println!("  ignored label {ignore}");
+        writeln!(out, "  ignored label {ignore}")?;
     }
-    println!(
+    writeln!(
+        out,
         "  {:<4} {:<24} {}",
         "id",
         "class",
@@ -309,7 +318,7 @@ fn print_text(report: &Report) {
             .iter()
             .map(|s| format!("{:>9}", s.name))
             .collect::<String>()
-    );
+    )?;
     for (class, name) in report.class_names.iter().enumerate() {
         let counts: String = report
             .splits
@@ -320,15 +329,17 @@ fn print_text(report: &Report) {
             .class_weights
             .as_ref()
             .map_or(String::new(), |w| format!("  weight {:.3}", w[class]));
-        println!("  {class:<4} {name:<24} {counts}{weight}");
+        writeln!(out, "  {class:<4} {name:<24} {counts}{weight}")?;
     }
     if let Some(verified) = report.verified {
-        println!(
+        writeln!(
+            out,
             "verified: {verified} items decoded, {} failed",
             report.failures.len()
-        );
+        )?;
         for failure in &report.failures {
-            println!("  {failure}");
+            writeln!(out, "  {failure}")?;
         }
     }
+    Ok(())
 }

@@ -10,6 +10,7 @@
 //! have exited. It includes the threads that the JPEG decoder starts inside
 //! one decode, and any batch decoded ahead but never consumed.
 
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -105,10 +106,11 @@ pub fn run(args: &BenchArgs, quiet: bool) -> Result<()> {
     let plan = Plan::new(&dataset, &pipeline, args)?;
     let result = time_batches(&dataset, &plan, threads, quiet)?;
 
+    let mut out = io::stdout().lock();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
     } else {
-        print_text(&result);
+        print_text(&mut out, &result)?;
     }
     if result.skipped > 0 {
         tracing::warn!(
@@ -276,29 +278,36 @@ fn process_cpu_seconds() -> Option<f64> {
     Some((user + system) as f64 / TICKS_PER_SECOND)
 }
 
-fn print_text(result: &BenchResult) {
+fn print_text(out: &mut impl Write, result: &BenchResult) -> io::Result<()> {
     let [height, width, channels] = result.image_shape;
-    println!(
+    writeln!(
+        out,
         "{} {} split: {} ({height}x{width}x{channels} per image)",
         result.dataset, result.split, result.pipeline
-    );
+    )?;
     let plural = if result.threads == 1 { "" } else { "s" };
-    println!(
+    writeln!(
+        out,
         "  batch {}, {} decoding thread{plural} ({} cores available)",
         result.batch_size, result.threads, result.available_cores
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  {} images in {} batches in {:.2} s: {:.1} images/s, {:.1} images/s per thread",
         result.images,
         result.batches,
         result.seconds,
         result.images_per_second,
         result.images_per_second_per_thread
-    );
+    )?;
     if let (Some(cpu), Some(per_cpu)) = (result.cpu_seconds, result.images_per_cpu_second) {
-        println!("  CPU time {cpu:.2} s: {per_cpu:.1} images per CPU-second");
+        writeln!(
+            out,
+            "  CPU time {cpu:.2} s: {per_cpu:.1} images per CPU-second"
+        )?;
     }
     if result.skipped > 0 {
-        println!("  {} undecodable images left out", result.skipped);
+        writeln!(out, "  {} undecodable images left out", result.skipped)?;
     }
+    Ok(())
 }

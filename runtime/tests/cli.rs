@@ -2,7 +2,7 @@
 //! evaluation work on the bundled data, and bad input gets a clear error.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use ldnc_runtime::data::encode_idx;
 
@@ -81,6 +81,25 @@ fn inspect_plots_the_connection_matrix() {
     assert!(stdout(&out).contains("MBD"));
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn closed_stdout_exits_quietly() {
+    let net = repo().join("examples/quickstart.ron");
+    for format in ["--passes", "--json"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ldnc"))
+            .args(["inspect", net.to_str().unwrap(), format])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the ldnc binary starts");
+        // Closing the read end before ldnc has compiled the network makes its
+        // first write fail with a broken pipe, as after `| head -1`.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{format}: {:?}", out.status);
+        assert_eq!(stderr(&out), "", "{format}");
+    }
 }
 
 #[test]

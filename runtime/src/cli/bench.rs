@@ -7,6 +7,7 @@
 //! resident set (`VmHWM` in /proc/self/status on Linux), which also counts code,
 //! the allocator and kernel scratch space.
 
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -126,30 +127,34 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         peak_rss_bytes: peak_rss(),
         threads: rayon::current_num_threads(),
     };
+    let mut out = io::stdout().lock();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
         return Ok(());
     }
     if args.profile {
-        println!("{:<34} {:>7} {:>10}", "op", "calls", "seconds");
+        writeln!(out, "{:<34} {:>7} {:>10}", "op", "calls", "seconds")?;
         for (op, calls, seconds) in session.profile() {
-            println!("{op:<34} {calls:>7} {seconds:>10.4}");
+            writeln!(out, "{op:<34} {calls:>7} {seconds:>10.4}")?;
         }
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    println!(
+    writeln!(
+        out,
         "{} ({}, {}), batch {}, {} threads",
         result.network,
         if result.fused { "fused" } else { "unfused" },
         result.device,
         result.batch,
         result.threads
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  {:.1} images/s ({:.3} s per step over {} steps)",
         result.images_per_second, result.seconds_per_step, result.steps
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  planned buffers {:.1} MiB, parameter store {:.1} MiB, peak RSS {}",
         mib(result.buffer_bytes),
         mib(result.store_bytes),
@@ -157,7 +162,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .peak_rss_bytes
             .map(|b| format!("{:.1} MiB", mib(b)))
             .unwrap_or_else(|| "unknown".into())
-    );
+    )?;
     Ok(())
 }
 

@@ -144,20 +144,29 @@ pub fn run_build(args: &BuildArgs, quiet: bool) -> Result<()> {
         file.write_all(&section)
     })
     .and_then(|()| check_written(&output, &payload))?;
+    let mut out = io::stdout().lock();
     if !quiet {
-        println!(
+        writeln!(
+            out,
             "built {}: network {}, {} training steps, payload {:.1} KiB",
             output.display(),
             spec.name,
             payload.net.train.steps.len(),
             section.len() as f64 / 1024.0
-        );
+        )?;
     }
 
     if args.explain || args.emit.contains(&Emit::Graph) {
         let stages = Stages::run(&spec, options)?;
         if args.explain {
-            print_explanation(&spec, &stages, &fusion, &payload.net, section.len());
+            print_explanation(
+                &mut out,
+                &spec,
+                &stages,
+                &fusion,
+                &payload.net,
+                section.len(),
+            )?;
         }
         if args.emit.contains(&Emit::Graph) {
             let title = &spec.name;
@@ -357,7 +366,7 @@ fn emit_file(output: &Path, suffix: &str, text: &str, quiet: bool) -> Result<()>
     let path = output.with_file_name(format!("{stem}.{suffix}"));
     write_atomic(&path, false, |file| file.write_all(text.as_bytes()))?;
     if !quiet {
-        println!("wrote {}", path.display());
+        writeln!(io::stdout(), "wrote {}", path.display())?;
     }
     Ok(())
 }
@@ -386,12 +395,13 @@ fn mib(bytes: u64) -> String {
 }
 
 fn print_explanation(
+    out: &mut impl io::Write,
     spec: &NetSpec,
     stages: &Stages,
     fusion: &[FuseReport],
     net: &CompiledNet,
     payload_bytes: usize,
-) {
+) -> io::Result<()> {
     let batch = spec.train.batch;
     let count = |graph: &Graph, role: Role| {
         graph
@@ -402,28 +412,31 @@ fn print_explanation(
     let expanded = &stages.pipeline.expanded;
     let differentiated = &stages.pipeline.differentiated;
 
-    println!("pipeline of {}", spec.name);
-    println!(
+    writeln!(out, "pipeline of {}", spec.name)?;
+    writeln!(
+        out,
         "  expand      forward graph: {} nodes ({} parameters, {} state tensors)",
         expanded.len(),
         count(expanded, Role::Param),
         count(expanded, Role::State)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  autodiff    training graph: {} nodes ({} added for gradients and updates, {} of them \
          optimizer and running-statistics updates)",
         differentiated.len(),
         differentiated.len().saturating_sub(expanded.len()),
         count(differentiated, Role::Update)
-    );
-    print_fusion(fusion);
+    )?;
+    print_fusion(out, fusion)?;
     for (stage, program) in [("training", &net.train), ("evaluation", &net.eval)] {
-        println!(
+        writeln!(
+            out,
             "  schedule    {stage} program: {} steps over {} values in {} buffers",
             program.steps.len(),
             program.values.len(),
             program.buffers.len()
-        );
+        )?;
     }
 
     let naive: u64 = stages
@@ -432,30 +445,34 @@ fn print_explanation(
         .map(|buffer| 4 * buffer.numel(batch) as u64)
         .sum();
     let planned = net.train.buffer_bytes(batch);
-    println!(
+    writeln!(
+        out,
         "  memory      training activations at batch {batch}: naive {} (one buffer per value), \
          planned {} ({:.1}% of naive)",
         mib(naive),
         mib(planned),
         100.0 * planned as f64 / naive.max(1) as f64
-    );
+    )?;
 
-    println!(
+    writeln!(
+        out,
         "  payload     {:.1} KiB (zlib-compressed JSON), payload format {PAYLOAD_FORMAT_VERSION}",
         payload_bytes as f64 / 1024.0
-    );
+    )?;
+    Ok(())
 }
 
 /// Prints one line per fusion report: node counts, why saturation stopped and
 /// how often each rule fired.
-fn print_fusion(fusion: &[FuseReport]) {
+fn print_fusion(out: &mut impl io::Write, fusion: &[FuseReport]) -> io::Result<()> {
     for (graph, report) in ["training", "evaluation"].iter().zip(fusion) {
         let applied: Vec<String> = report
             .applied
             .iter()
             .map(|(rule, times)| format!("{rule} x{times}"))
             .collect();
-        println!(
+        writeln!(
+            out,
             "  fuse        {graph} graph: {} -> {} nodes after {} iterations ({}); {}",
             report.nodes_before,
             report.nodes_after,
@@ -466,8 +483,9 @@ fn print_fusion(fusion: &[FuseReport]) {
             } else {
                 applied.join(", ")
             }
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Renders a graph as Graphviz DOT: one box per node with its name, op and

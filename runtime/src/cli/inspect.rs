@@ -1,5 +1,6 @@
 //! `ldnc inspect`: the analyses of a network as a table or JSON.
 
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -91,19 +92,21 @@ pub fn inspect_network(
         ldnc_runtime::plot::connection_matrix(&net.features, path)
             .with_context(|| format!("cannot draw {}", path.display()))?;
     }
+    let mut out = io::stdout().lock();
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         if args.passes {
             value["passes"] = serde_json::to_value(&passes)?;
         }
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    print_table(&report);
+    print_table(&mut out, &report)?;
     if args.passes {
         for (name, p) in ["training", "evaluation"].iter().zip(&passes) {
             let fired: Vec<String> = p.applied.iter().map(|(r, n)| format!("{r} x{n}")).collect();
-            println!(
+            writeln!(
+                out,
                 "fusion ({name}): {} -> {} nodes, {} iterations ({}), {:.2}s; {}",
                 p.nodes_before,
                 p.nodes_after,
@@ -111,7 +114,7 @@ pub fn inspect_network(
                 p.stop_reason,
                 p.seconds,
                 fired.join(", ")
-            );
+            )?;
         }
     }
     Ok(())
@@ -121,28 +124,36 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-fn print_table(r: &Report) {
-    println!("network          {}", r.name);
-    println!("feature layers   {}", r.feature_layers);
-    println!("connections      {}", r.connections);
-    println!(
+fn print_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
+    writeln!(out, "network          {}", r.name)?;
+    writeln!(out, "feature layers   {}", r.feature_layers)?;
+    writeln!(out, "connections      {}", r.connections)?;
+    writeln!(
+        out,
         "MBD              {} (from x{} to x{})",
         r.mbd, r.mbd_pair[0], r.mbd_pair[1]
-    );
-    println!("parameters       {}", r.params);
-    println!("MACs per image   {:.3} G", r.macs_per_image as f64 / 1e9);
-    println!(
+    )?;
+    writeln!(out, "parameters       {}", r.params)?;
+    writeln!(
+        out,
+        "MACs per image   {:.3} G",
+        r.macs_per_image as f64 / 1e9
+    )?;
+    writeln!(
+        out,
         "activations      naive {}  planned {}  (training step, batch {})",
         mib(r.memory.naive_bytes),
         mib(r.memory.planned_bytes),
         r.memory.batch
-    );
-    println!("graph nodes      {}", r.graph_nodes);
-    println!("blocks");
+    )?;
+    writeln!(out, "graph nodes      {}", r.graph_nodes)?;
+    writeln!(out, "blocks")?;
     for (b, block) in r.blocks.iter().enumerate() {
-        println!(
+        writeln!(
+            out,
             "  {b}: {:>3} layers from x{:<4} at {}x{}",
             block.layers, block.first_layer, block.height, block.width
-        );
+        )?;
     }
+    Ok(())
 }

@@ -7,6 +7,7 @@
 //! reports pixel accuracy over non-ignored pixels, per-class IoU and mean IoU,
 //! measured on tiles of the network's input size that cover each test image.
 
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -209,8 +210,10 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
         }
     }
 
+    let mut stdout = io::stdout();
     if !quiet {
-        println!(
+        writeln!(
+            stdout,
             "training {} on {} ({} train / {} test images), {} parameters, output in {}",
             spec.name,
             data.name(),
@@ -218,17 +221,18 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
             data.test_len(),
             session.store.param_count(),
             out.display()
-        );
-        println!("{}", pipeline.describe());
+        )?;
+        writeln!(stdout, "{}", pipeline.describe())?;
     }
     let history = train::train_with(&mut session, data, &pipeline, &config, &files, start)?;
     if let Some(last) = history.last() {
-        println!(
+        writeln!(
+            stdout,
             "final test {} after {} epochs; checkpoint {}",
             final_figures(last),
             last.epoch,
             files.checkpoint().display()
-        );
+        )?;
     }
     Ok(())
 }
@@ -483,11 +487,12 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
         result["skipped_images"] = evaluation.skipped.into();
     }
 
+    let mut out = io::stdout().lock();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
         return Ok(());
     }
-    print_evaluation(&spec.name, data, &pipeline, &evaluation);
+    print_evaluation(&mut out, &spec.name, data, &pipeline, &evaluation)?;
     Ok(())
 }
 
@@ -532,19 +537,27 @@ fn segmentation_json(
 
 /// Prints an evaluation for a reader: one summary line, and for segmentation
 /// the IoU of every class.
-fn print_evaluation(network: &str, data: Data, pipeline: &Pipeline, evaluation: &Evaluation) {
+fn print_evaluation(
+    out: &mut impl Write,
+    network: &str,
+    data: Data,
+    pipeline: &Pipeline,
+    evaluation: &Evaluation,
+) -> io::Result<()> {
     let confusion = &evaluation.confusion;
-    println!(
+    writeln!(
+        out,
         "{network} on {} test split ({}), loss {:.4}",
         data.name(),
         pipeline.eval.describe(),
         evaluation.loss
-    );
+    )?;
     if evaluation.skipped > 0 {
-        println!("undecodable images skipped: {}", evaluation.skipped);
+        writeln!(out, "undecodable images skipped: {}", evaluation.skipped)?;
     }
     if !data.is_segmentation() {
-        println!(
+        writeln!(
+            out,
             "{} images: top-1 accuracy {:.2}% (error {:.2}%), top-5 accuracy {:.2}% (error \
              {:.2}%)",
             confusion.total(),
@@ -552,8 +565,8 @@ fn print_evaluation(network: &str, data: Data, pipeline: &Pipeline, evaluation: 
             100.0 * (1.0 - confusion.accuracy()),
             100.0 * confusion.top5_accuracy(),
             100.0 * (1.0 - confusion.top5_accuracy())
-        );
-        return;
+        )?;
+        return Ok(());
     }
 
     let width = data
@@ -563,19 +576,24 @@ fn print_evaluation(network: &str, data: Data, pipeline: &Pipeline, evaluation: 
         .max()
         .unwrap_or(0)
         .max("class".len());
-    println!("{:<width$}  IoU", "class");
+    writeln!(out, "{:<width$}  IoU", "class")?;
     for (name, iou) in data.class_names().iter().zip(confusion.class_iou()) {
         match iou {
-            Some(iou) => println!("{name:<width$}  {:6.2}%", 100.0 * iou),
-            None => println!("{name:<width$}       - (no pixels labelled or predicted)"),
+            Some(iou) => writeln!(out, "{name:<width$}  {:6.2}%", 100.0 * iou)?,
+            None => writeln!(
+                out,
+                "{name:<width$}       - (no pixels labelled or predicted)"
+            )?,
         }
     }
-    println!(
+    writeln!(
+        out,
         "{} pixels: pixel accuracy {:.2}%, mean IoU {:.2}%",
         confusion.total(),
         100.0 * confusion.accuracy(),
         100.0 * confusion.mean_iou()
-    );
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

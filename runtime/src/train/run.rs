@@ -1,6 +1,7 @@
 //! The epoch loop: trains a session from a position to the last epoch,
 //! evaluating, logging metrics and writing a checkpoint after every epoch.
 
+use std::io::Write;
 use std::time::Instant;
 
 use crate::checkpoint::{self, Meta};
@@ -169,7 +170,10 @@ pub fn train_with(
             "epoch finished"
         );
         if config.show_progress {
-            println!("{}", epoch_line(&row, config.epochs));
+            // The epoch line is only a progress display, and metrics.jsonl keeps
+            // every epoch, so a closed stdout (`ldnc train ... | head`) must not
+            // stop training the way `println!` would by panicking.
+            let _ = writeln!(std::io::stdout(), "{}", epoch_line(&row, config.epochs));
         }
         append_metrics(&files.metrics(), &row)?;
         let meta = Meta {
