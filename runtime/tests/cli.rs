@@ -460,6 +460,36 @@ fn resuming_finished_run_says_how() {
 }
 
 #[test]
+fn resume_takes_quiet_from_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first run is quiet, so its stored configuration hides progress.
+    let data = train_tiny_run(dir.path());
+    let net = repo().join("examples/quickstart.ron");
+    let mut args = vec![
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        &data,
+        "--resume",
+        "run",
+    ];
+    args.extend(SMALL);
+
+    let out = ldnc(&[&args[..], &["--epochs", "2"]].concat(), dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("epoch   2/2"), "{}", stdout(&out));
+
+    let out = ldnc(&[&args[..], &["--epochs", "3", "-q"]].concat(), dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("epoch   3/3"), "{}", stdout(&out));
+    assert!(
+        !stdout(&out).contains("training quickstart"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
 fn cuda_device_fails_clearly_without_a_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let net = repo().join("examples/quickstart.ron");

@@ -164,7 +164,7 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
     let cuda = parse_device(&device)?;
     let (spec, config, start, out, stored) = match &args.resume {
         Some(dir) => {
-            let resumed = resume_settings(source, args, dir)?;
+            let resumed = resume_settings(source, args, dir, quiet)?;
             let stored = Some((resumed.checkpoint, resumed.tensors));
             (
                 resumed.spec,
@@ -351,8 +351,13 @@ struct Resumed {
 }
 
 /// Reads the checkpoint in `dir` and applies the flags that may change on
-/// resuming.
-fn resume_settings(source: &NetSource, args: &TrainOptions, dir: &Path) -> Result<Resumed> {
+/// resuming: `--epochs`, `--max-steps` and `-q`.
+fn resume_settings(
+    source: &NetSource,
+    args: &TrainOptions,
+    dir: &Path,
+    quiet: bool,
+) -> Result<Resumed> {
     let path = RunFiles {
         dir: dir.to_path_buf(),
     }
@@ -379,6 +384,7 @@ fn resume_settings(source: &NetSource, args: &TrainOptions, dir: &Path) -> Resul
         config.epochs = epochs;
     }
     config.max_steps = args.max_steps;
+    config.show_progress = !quiet;
     let start = Position {
         epoch: meta.epoch,
         step: meta.step,
