@@ -33,7 +33,7 @@ pub use op::{Init, Op, Role};
 /// Errors of the IR crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: String,
         #[source]

@@ -327,7 +327,7 @@ impl NetSpec {
                 line: e.position.line,
                 column: e.position.col,
                 message: e.code.to_string(),
-                hint: syntax_hint(&e.code.to_string()),
+                hint: syntax_hint(&e.code),
             })
     }
 
@@ -533,7 +533,29 @@ impl NetSpec {
     }
 }
 
-fn syntax_hint(message: &str) -> String {
+/// Chooses the hint printed under a RON syntax error. An unknown variant gets
+/// the variants of its own enum, with the fields that they take.
+fn syntax_hint(code: &ron::error::Error) -> String {
+    if let ron::error::Error::NoSuchEnumVariant {
+        outer: Some(name), ..
+    } = code
+    {
+        return match name.as_str() {
+            "Template" => format!("templates are {TEMPLATE_NAMES}"),
+            "LrSchedule" => {
+                "schedules are Step, Cosine, Constant, Exponential(decay: 0.995)".into()
+            }
+            "Optimizer" => "optimizers are Sgd, RmsProp(decay: 0.9, eps: 1e-6)".into(),
+            "Transition" => {
+                "transitions are Independent, BlockCompression, Classic(compression: 0.5)".into()
+            }
+            "Task" => "tasks are Classification, Segmentation(ignore_label: Some(11), \
+                       first_block_skip: true)"
+                .into(),
+            other => format!("variant names of `{other}` are case-sensitive"),
+        };
+    }
+    let message = code.to_string();
     if message.contains("Unexpected missing field") || message.contains("missing field") {
         "add the field; `blocks` and `growth` have no default".into()
     } else if message.contains("Unknown field") || message.contains("unknown field") {
@@ -845,6 +867,25 @@ mod tests {
         spec.growth = 8;
         spec.blocks = vec![4; 7];
         assert!(spec.validate().unwrap_err().to_string().contains("32x32"));
+    }
+
+    #[test]
+    fn unknown_variant_hint_fits_enum() {
+        let cases = [
+            ("template: LogDense", "templates are DenseNet"),
+            ("train: (schedule: Cosin)", "schedules are Step"),
+            ("train: (optimizer: Adam)", "optimizers are Sgd"),
+            ("transition: Classik()", "Classic(compression: 0.5)"),
+            ("stem: Cifar10", "variant names of `Stem`"),
+        ];
+        for (field, hint) in cases {
+            let text = format!("(blocks: [4, 4], growth: 8, {field})");
+            let err = NetSpec::from_ron(&text, "f.ron").unwrap_err().to_string();
+            assert!(err.contains(hint), "{field}: {err}");
+            if !hint.starts_with("templates") {
+                assert!(!err.contains("templates are"), "{field}: {err}");
+            }
+        }
     }
 
     #[test]

@@ -244,7 +244,10 @@ fn verify_files(dataset: &FileDataset) -> (usize, Vec<String>) {
         .collect();
     let failures: Vec<String> = all
         .par_iter()
-        .filter_map(|path| decode_image_file(path).err().map(|error| error.to_string()))
+        .filter_map(|path| {
+            let error = anyhow::Error::from(decode_image_file(path).err()?);
+            Some(format!("{error:#}"))
+        })
         .collect();
     (all.len() - failures.len(), failures)
 }

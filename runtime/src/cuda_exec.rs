@@ -41,7 +41,7 @@ pub enum CudaExecError {
     NoDriver(String),
     #[error("no usable CUDA device: {0}; use --device cpu")]
     NoDevice(DriverError),
-    #[error("CUDA call failed while {action}: {source}")]
+    #[error("CUDA call failed while {action}")]
     Driver {
         action: String,
         #[source]

@@ -16,7 +16,7 @@ use crate::store::Store;
 /// Errors of program execution.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    #[error("step {step} ({op}, value {value}): {source}")]
+    #[error("step {step} ({op}, value {value}) failed")]
     Kernel {
         step: usize,
         op: &'static str,

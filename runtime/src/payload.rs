@@ -53,7 +53,7 @@ const ZLIB_LEVEL: u32 = 6;
 /// Errors of reading or writing a payload.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]

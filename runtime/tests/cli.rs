@@ -490,6 +490,45 @@ fn resume_takes_quiet_from_command_line() {
 }
 
 #[test]
+fn missing_paths_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = repo().join("examples/quickstart.ron");
+    let net = net.to_str().unwrap();
+    let data = bundled();
+    std::fs::write(dir.path().join("metrics.jsonl"), "{\"epoch\":1}\n").unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["inspect", "nope.ron"], "cannot read nope.ron: "),
+        (
+            &["train", net, "--data", &data, "--resume", "nodir"],
+            "--resume nodir: the folder does not exist",
+        ),
+        (&["eval", "nodir", "--data", &data], "nodir does not exist"),
+        (
+            &["eval", "metrics.jsonl", "--data", &data],
+            "metrics.jsonl is not a checkpoint or is truncated",
+        ),
+        (
+            &["inspect", net, "--plot", "nodir/m.png"],
+            "cannot create nodir/m.png: ",
+        ),
+        (
+            &["train", net, "--data", "cifar10:nodir"],
+            "the folder nodir does not exist",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = ldnc(args, dir.path());
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(err.matches("(os error").count() <= 1, "{args:?}: {err}");
+        for raw in ["HeaderTooLarge", "ImageError", "Os {", "files missing"] {
+            assert!(!err.contains(raw), "{args:?}: {err}");
+        }
+    }
+}
+
+#[test]
 fn cuda_device_fails_clearly_without_a_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let net = repo().join("examples/quickstart.ron");

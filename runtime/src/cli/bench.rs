@@ -150,8 +150,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     )?;
     writeln!(
         out,
-        "  {:.1} images/s ({:.3} s per step over {} steps)",
-        result.images_per_second, result.seconds_per_step, result.steps
+        "  {:.1} images/s ({:.3} s per step over {})",
+        result.images_per_second,
+        result.seconds_per_step,
+        super::plural(result.steps, "step")
     )?;
     writeln!(
         out,

@@ -473,10 +473,10 @@ fn print_fusion(out: &mut impl io::Write, fusion: &[FuseReport]) -> io::Result<(
             .collect();
         writeln!(
             out,
-            "  fuse        {graph} graph: {} -> {} nodes after {} iterations ({}); {}",
+            "  fuse        {graph} graph: {} -> {} nodes after {} ({}); {}",
             report.nodes_before,
             report.nodes_after,
-            report.iterations,
+            super::plural(report.iterations, "iteration"),
             report.stop_reason,
             if applied.is_empty() {
                 "no rewrites applied".to_string()
@@ -558,7 +558,8 @@ fn program_text(program: &Program, title: &str) -> String {
     .expect("String");
     for (index, buffer) in program.buffers.iter().enumerate() {
         let unit = if buffer.batched { " per image" } else { "" };
-        writeln!(out, "# b{index}: {} floats{unit}", buffer.per_item).expect("String");
+        let floats = super::plural(buffer.per_item, "float");
+        writeln!(out, "# b{index}: {floats}{unit}").expect("String");
     }
     for (index, step) in program.steps.iter().enumerate() {
         let operands: Vec<String> = step.inputs.iter().map(|&input| value(input)).collect();

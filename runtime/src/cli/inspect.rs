@@ -90,7 +90,7 @@ pub fn inspect_network(
     }
     if let Some(path) = &args.plot {
         ldnc_runtime::plot::connection_matrix(&net.features, path)
-            .with_context(|| format!("cannot draw {}", path.display()))?;
+            .context("cannot draw the --plot file")?;
     }
     let mut out = io::stdout().lock();
     if args.json {
@@ -107,10 +107,10 @@ pub fn inspect_network(
             let fired: Vec<String> = p.applied.iter().map(|(r, n)| format!("{r} x{n}")).collect();
             writeln!(
                 out,
-                "fusion ({name}): {} -> {} nodes, {} iterations ({}), {:.2}s; {}",
+                "fusion ({name}): {} -> {} nodes, {} ({}), {:.2}s; {}",
                 p.nodes_before,
                 p.nodes_after,
-                p.iterations,
+                super::plural(p.iterations, "iteration"),
                 p.stop_reason,
                 p.seconds,
                 fired.join(", ")

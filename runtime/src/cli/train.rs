@@ -228,9 +228,9 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
     if let Some(last) = history.last() {
         writeln!(
             stdout,
-            "final test {} after {} epochs; checkpoint {}",
+            "final test {} after {}; checkpoint {}",
             final_figures(last),
-            last.epoch,
+            plural(last.epoch, "epoch"),
             files.checkpoint().display()
         )?;
     }
@@ -358,6 +358,12 @@ fn resume_settings(
     dir: &Path,
     quiet: bool,
 ) -> Result<Resumed> {
+    if !dir.is_dir() {
+        bail!(
+            "--resume {}: the folder does not exist; pass the --out folder of the run to continue",
+            dir.display()
+        );
+    }
     let path = RunFiles {
         dir: dir.to_path_buf(),
     }
@@ -436,6 +442,13 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
 /// Evaluates a checkpoint. A compiled network executable passes its path and
 /// programs as `embedded`, and the checkpoint must come from that network.
 pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Result<()> {
+    if !args.checkpoint.exists() {
+        bail!(
+            "{} does not exist; pass the checkpoint.safetensors that `ldnc train` wrote, or its \
+             run folder",
+            args.checkpoint.display()
+        );
+    }
     let path = if args.checkpoint.is_dir() {
         RunFiles {
             dir: args.checkpoint.clone(),

@@ -19,6 +19,13 @@ pub enum DataError {
     InvalidSpec { spec: String, reason: String },
 
     #[error(
+        "{dataset}: the folder {} does not exist; point the spec at the folder that contains \
+         the official files",
+        dir.display()
+    )]
+    FolderNotFound { dataset: String, dir: PathBuf },
+
+    #[error(
         "{dataset}: files missing in {}: expected {}; found {}. Point the spec at the \
          folder that contains the official files",
         dir.display(),
@@ -40,7 +47,7 @@ pub enum DataError {
     )]
     BundleNotFound { searched: Vec<PathBuf> },
 
-    #[error("failed to read {}: {source}", path.display())]
+    #[error("failed to read {}", path.display())]
     Io {
         path: PathBuf,
         #[source]

@@ -89,9 +89,14 @@ impl DataSpec {
         Ok(DataSpec { kind, path })
     }
 
-    /// Returns the folder to read, finding the bundled subset when no folder was given.
+    /// Returns the folder to read, finding the bundled subset when no folder was
+    /// given; rejects a folder that does not exist.
     pub fn resolve_dir(&self) -> Result<PathBuf> {
         match &self.path {
+            Some(path) if !path.exists() => Err(DataError::FolderNotFound {
+                dataset: self.kind.name().to_string(),
+                dir: path.clone(),
+            }),
             Some(path) => Ok(path.clone()),
             None => find_bundled_fashion_mnist(),
         }

@@ -22,6 +22,12 @@ pub use matrix::connection_matrix;
 pub enum PlotError {
     #[error("cannot plot to {path}: unsupported extension {extension:?}, expected .png or .svg")]
     UnsupportedFormat { path: String, extension: String },
+    /// An output file that cannot be created, with the OS error as `reason`.
+    #[error("cannot create {path}: {reason}; check that its folder exists and is writable")]
+    Create {
+        path: String,
+        reason: std::io::Error,
+    },
     #[error("cannot plot to {path}: {message}")]
     Draw { path: String, message: String },
     #[error("cannot plot {what}: there is nothing to draw")]
@@ -95,7 +101,14 @@ pub(crate) trait Figure {
 /// writes the file.
 pub(crate) fn render(path: &Path, figure: &impl Figure) -> Result<(), PlotError> {
     let size = figure.size();
-    match format_of(path)? {
+    let format = format_of(path)?;
+    // Creating the file here reports a missing folder or a permission problem
+    // with the OS reason. The backend then overwrites the empty file.
+    std::fs::File::create(path).map_err(|reason| PlotError::Create {
+        path: path.display().to_string(),
+        reason,
+    })?;
+    match format {
         Format::Png => {
             register_font()?;
             let root = BitMapBackend::new(path, size).into_drawing_area();

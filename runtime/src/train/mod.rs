@@ -71,7 +71,7 @@ pub enum TrainError {
          at least 1 (set --batch and --epochs, or train.batch and train.epochs)"
     )]
     EmptyConfig { batch: usize, epochs: usize },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Output {
         path: PathBuf,
         #[source]
