@@ -17,6 +17,9 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Serialize)]
 pub struct Memory {
     pub batch: usize,
+    /// Bytes of every batched computed value of the forward graph, each in its
+    /// own buffer. `ldnc build --explain` reports a larger naive figure, one
+    /// buffer per value of the whole training graph, gradients included.
     pub naive_bytes: u64,
     pub planned_bytes: u64,
     /// Where `planned_bytes` comes from: `"naive"` until a memory plan is supplied.

@@ -439,6 +439,9 @@ fn emit_and_explain_describe_the_pipeline() {
         "training program",
         "naive",
         "planned",
+        "rule matches: ",
+        "training program: fused steps: ",
+        "bn_relu_conv x",
     ] {
         assert!(
             explained.contains(phrase),

@@ -13,6 +13,7 @@
 //! folder, checked by reading its payload back, and renamed into place, so a
 //! failed build leaves any earlier file untouched.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{self, Write as _};
@@ -429,6 +430,7 @@ fn print_explanation(
         count(differentiated, Role::Update)
     )?;
     print_fusion(out, fusion)?;
+    print_fused_ops(out, stages, net)?;
     for (stage, program) in [("training", &net.train), ("evaluation", &net.eval)] {
         writeln!(
             out,
@@ -447,7 +449,7 @@ fn print_explanation(
     let planned = net.train.buffer_bytes(batch);
     writeln!(
         out,
-        "  memory      training activations at batch {batch}: naive {} (one buffer per value), \
+        "  memory      training activations at batch {batch}: naive {} (one buffer per value of the training graph), \
          planned {} ({:.1}% of naive)",
         mib(naive),
         mib(planned),
@@ -463,7 +465,9 @@ fn print_explanation(
 }
 
 /// Prints one line per fusion report: node counts, why saturation stopped and
-/// how often each rule fired.
+/// how often each rule matched. The counts are applications that changed the
+/// e-graph, summed over iterations, and extraction need not pick their
+/// results, so they can exceed the fused steps that [`print_fused_ops`] reports.
 fn print_fusion(out: &mut impl io::Write, fusion: &[FuseReport]) -> io::Result<()> {
     for (graph, report) in ["training", "evaluation"].iter().zip(fusion) {
         let applied: Vec<String> = report
@@ -473,7 +477,7 @@ fn print_fusion(out: &mut impl io::Write, fusion: &[FuseReport]) -> io::Result<(
             .collect();
         writeln!(
             out,
-            "  fuse        {graph} graph: {} -> {} nodes after {} ({}); {}",
+            "  fuse        {graph} graph: {} -> {} nodes after {} ({}); rule matches: {}",
             report.nodes_before,
             report.nodes_after,
             super::plural(report.iterations, "iteration"),
@@ -482,6 +486,38 @@ fn print_fusion(out: &mut impl io::Write, fusion: &[FuseReport]) -> io::Result<(
                 "no rewrites applied".to_string()
             } else {
                 applied.join(", ")
+            }
+        )?;
+    }
+    Ok(())
+}
+
+/// Prints, for each program, the steps of ops that neither unfused graph
+/// contains, which are the fused ops that extraction chose, counted by op.
+fn print_fused_ops(out: &mut impl io::Write, stages: &Stages, net: &CompiledNet) -> io::Result<()> {
+    let unfused: BTreeSet<&str> = [&stages.pipeline.expanded, &stages.pipeline.differentiated]
+        .into_iter()
+        .flat_map(|graph| graph.ids().map(|id| graph.node(id).op.name()))
+        .collect();
+    for (stage, program) in [("training", &net.train), ("evaluation", &net.eval)] {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for step in &program.steps {
+            let name = step.op.name();
+            if !unfused.contains(name) {
+                *counts.entry(name).or_default() += 1;
+            }
+        }
+        let listed: Vec<String> = counts
+            .iter()
+            .map(|(name, steps)| format!("{name} x{steps}"))
+            .collect();
+        writeln!(
+            out,
+            "  extract     {stage} program: fused steps: {}",
+            if listed.is_empty() {
+                "none".to_string()
+            } else {
+                listed.join(", ")
             }
         )?;
     }

@@ -141,7 +141,7 @@ fn print_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
     )?;
     writeln!(
         out,
-        "activations      naive {}  planned {}  (training step, batch {})",
+        "activations      forward values {}  planned training step {}  (batch {})",
         mib(r.memory.naive_bytes),
         mib(r.memory.planned_bytes),
         r.memory.batch
