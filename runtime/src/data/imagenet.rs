@@ -31,17 +31,48 @@ const GROUND_TRUTH: &str = "ILSVRC2012_validation_ground_truth.txt";
 /// Decodes an image file by its content, not its extension, so PNG data
 /// named `.JPEG` (one such file is in the ILSVRC2012 train set) and CMYK or
 /// grayscale JPEGs all decode.
+///
+/// Each call decodes on the calling thread only, because `image` 0.25 decodes
+/// JPEGs with zune-jpeg, which starts no threads. A loader with N workers
+/// therefore uses N cores.
 pub fn decode_image_file(path: &Path) -> Result<image::DynamicImage> {
     let bytes = read_file(path)?;
     let decode_error = |reason: String| DataError::Decode {
         path: path.to_path_buf(),
         reason,
     };
-    image::io::Reader::new(Cursor::new(bytes))
+    if bytes.starts_with(&JPEG_START_OF_IMAGE) && !jpeg_has_end_of_image(&bytes) {
+        return Err(decode_error(
+            "the JPEG data is truncated: no end-of-image marker follows its last scan".into(),
+        ));
+    }
+
+    image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|error| decode_error(error.to_string()))?
         .decode()
         .map_err(|error| decode_error(error.to_string()))
+}
+
+const JPEG_START_OF_IMAGE: [u8; 2] = [0xFF, 0xD8];
+const JPEG_START_OF_SCAN: [u8; 2] = [0xFF, 0xDA];
+const JPEG_END_OF_IMAGE: [u8; 2] = [0xFF, 0xD9];
+
+/// Checks that an end-of-image marker follows the last start-of-scan marker.
+///
+/// zune-jpeg, in the non-strict mode that `image` 0.25 sets, decodes a
+/// truncated file without an error, so this check keeps truncated files
+/// reported as undecodable. Entropy-coded data escapes every 0xFF byte,
+/// so neither marker occurs inside a scan. An EXIF thumbnail ends before the
+/// main image's first scan, so its end-of-image marker does not count.
+fn jpeg_has_end_of_image(bytes: &[u8]) -> bool {
+    let last_scan = bytes
+        .windows(2)
+        .rposition(|pair| pair == JPEG_START_OF_SCAN)
+        .unwrap_or(0);
+    bytes[last_scan..]
+        .windows(2)
+        .any(|pair| pair == JPEG_END_OF_IMAGE)
 }
 
 fn is_image_name(name: &str) -> bool {

@@ -103,7 +103,8 @@ pub(crate) fn render(path: &Path, figure: &impl Figure) -> Result<(), PlotError>
     let size = figure.size();
     let format = format_of(path)?;
     // Creating the file here reports a missing folder or a permission problem
-    // with the OS reason. The backend then overwrites the empty file.
+    // with the OS reason. The PNG encoder or the SVG backend then overwrites
+    // the empty file.
     std::fs::File::create(path).map_err(|reason| PlotError::Create {
         path: path.display().to_string(),
         reason,
@@ -111,10 +112,22 @@ pub(crate) fn render(path: &Path, figure: &impl Figure) -> Result<(), PlotError>
     match format {
         Format::Png => {
             register_font()?;
-            let root = BitMapBackend::new(path, size).into_drawing_area();
-            root.fill(&WHITE).map_err(|e| draw_error(path, e))?;
-            figure.draw(&root, path)?;
-            root.present().map_err(|e| draw_error(path, e))
+            // plotters draws into an RGB buffer, and `image` encodes it, so
+            // plotters needs no image encoder of its own.
+            let (width, height) = size;
+            let mut pixels = vec![0u8; 3 * width as usize * height as usize];
+            {
+                let root = BitMapBackend::with_buffer(&mut pixels, size).into_drawing_area();
+                root.fill(&WHITE).map_err(|e| draw_error(path, e))?;
+                figure.draw(&root, path)?;
+                root.present().map_err(|e| draw_error(path, e))?;
+            }
+
+            let image = image::RgbImage::from_raw(width, height, pixels)
+                .expect("the buffer contains 3 bytes for each of width * height pixels");
+            image
+                .save_with_format(path, image::ImageFormat::Png)
+                .map_err(|e| draw_error(path, e))
         }
         Format::Svg => {
             let root = SVGBackend::new(path, size).into_drawing_area();
