@@ -460,6 +460,39 @@ fn resuming_finished_run_says_how() {
 }
 
 #[test]
+fn resume_rejects_changed_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_tiny_run(dir.path());
+    let net = repo().join("examples/quickstart.ron");
+    let mut args = vec![
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        &data,
+        "--epochs",
+        "2",
+        "--resume",
+        "run",
+        "-q",
+    ];
+    args.extend(SMALL);
+
+    let out = ldnc(&[&args[..], &["--batch", "8"]].concat(), dir.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--batch differs"), "{}", stderr(&out));
+    let out = ldnc(
+        &[&args[..], &["--schedule", "constant"]].concat(),
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--schedule or --lr-decay differs"));
+
+    // Repeating the saved batch size is allowed.
+    let out = ldnc(&[&args[..], &["--batch", "16"]].concat(), dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
 fn resume_takes_quiet_from_command_line() {
     let dir = tempfile::tempdir().unwrap();
     // The first run is quiet, so its stored configuration hides progress.

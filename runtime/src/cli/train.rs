@@ -303,6 +303,25 @@ fn config_from(spec: &NetSpec, args: &TrainOptions, quiet: bool) -> Result<Train
     })
 }
 
+/// Rejects `--batch`, `--lr`, `--schedule` and `--lr-decay` values that differ
+/// from the settings a resumed run saved in `checkpoint`.
+fn check_unchanged(args: &TrainOptions, saved: &TrainConfig, checkpoint: &Path) -> Result<()> {
+    let schedule = schedule_from(saved.schedule, args.schedule, args.lr_decay)?;
+    let changed = [
+        ("--batch", args.batch.is_some_and(|b| b != saved.batch)),
+        ("--lr", args.lr.is_some_and(|lr| lr != saved.lr)),
+        ("--schedule or --lr-decay", schedule != saved.schedule),
+    ];
+    match changed.iter().find(|(_, differs)| *differs) {
+        Some((flag, _)) => bail!(
+            "{flag} differs from the setting saved in {}, and a resumed run continues with \
+             its saved settings; drop {flag}, or start a new run with --out",
+            checkpoint.display()
+        ),
+        None => Ok(()),
+    }
+}
+
 /// Returns the schedule that `--schedule` and `--lr-decay` select, or the file's.
 fn schedule_from(
     file: LrSchedule,
@@ -386,6 +405,7 @@ fn resume_settings(
             path.display()
         )
     })?;
+    check_unchanged(args, &config, &path)?;
     if let Some(epochs) = args.epochs {
         config.epochs = epochs;
     }
