@@ -101,10 +101,6 @@ impl Fusion for BnReluConvFilter {
         }
         first_fit(egraph, class, candidates)
     }
-
-    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
-        add(egraph, &found.op, found.operands.clone())
-    }
 }
 
 pub struct BnReluBackward;
@@ -131,10 +127,6 @@ impl Fusion for BnReluBackward {
             }
         }
         first_fit(egraph, class, candidates)
-    }
-
-    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
-        add(egraph, &found.op, found.operands.clone())
     }
 }
 
@@ -163,10 +155,6 @@ impl Fusion for BnReluAffineGrad {
             }
         }
         first_fit(egraph, class, candidates)
-    }
-
-    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
-        add(egraph, &found.op, found.operands.clone())
     }
 }
 

@@ -19,7 +19,7 @@ use egg::Id;
 use ldnc_ir::op::Op;
 
 use super::lang::FuseGraph;
-use super::rules::{add, nodes, parts, Fusion, Match};
+use super::rules::{nodes, parts, Fusion, Match};
 
 /// Pools `relu(bn(x))` with the pooling of `pool`, a `GlobalAvgPool`
 /// (`bn-relu-gap`) or an `AvgPool` (`bn-relu-pool`).
@@ -67,10 +67,6 @@ impl Fusion for BnReluPool {
             }
         }
         Vec::new()
-    }
-
-    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
-        add(egraph, &found.op, found.operands.clone())
     }
 }
 

@@ -172,10 +172,6 @@ impl Fusion for BiasRelu {
         }
         found
     }
-
-    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
-        add(egraph, &found.op, found.operands.clone())
-    }
 }
 
 /// Reports whether extraction should not count `node`, an e-node of `class`,

@@ -26,8 +26,11 @@ use super::lang::{ENode, FuseGraph};
 pub trait Fusion: Send + Sync {
     /// Operand lists of every match in `class`.
     fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match>;
-    /// Adds the replacement of one match and returns its class.
-    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id;
+    /// Adds the replacement of one match and returns its class. By default it
+    /// adds `found.op` over `found.operands`.
+    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
+        add(egraph, &found.op, found.operands.clone())
+    }
 }
 
 /// One match: the op to build and the operands it reads.
@@ -173,10 +176,6 @@ impl Fusion for BnReluConv {
         found.truncate(1);
         found
     }
-
-    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
-        add(egraph, &found.op, found.operands.clone())
-    }
 }
 
 pub struct FlattenConcat;
@@ -197,10 +196,6 @@ impl Fusion for FlattenConcat {
             }
         }
         Vec::new()
-    }
-
-    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
-        add(egraph, &found.op, found.operands.clone())
     }
 }
 

@@ -9,7 +9,7 @@ use crate::plot;
 use super::report::EpochMetrics;
 use super::TrainError;
 
-/// Where a run keeps its files.
+/// Paths of the files a run writes into its folder.
 pub struct RunFiles {
     pub dir: PathBuf,
 }

@@ -396,7 +396,7 @@ pub fn bn_relu_global_avg_pool(input: &BnRelu, y: &mut [f32]) {
 
 /// `y = avg_pool(relu(bn(x)))`, one rayon task per image: each rectifies its
 /// image into a scratch buffer and pools it with the fast average pool, so
-/// the scratch holds one image, never the batch.
+/// each scratch buffer contains one image, never the batch.
 pub fn bn_relu_avg_pool(shape: &PoolShape, input: &BnRelu, y: &mut [f32]) {
     let norm = Normaliser::new(input);
     let c = norm.width;
