@@ -230,6 +230,49 @@ proptest! {
     }
 }
 
+/// Checks convolutions whose small side spans several 256-pixel blocks of the
+/// fast kernels, with blocks that start and end inside images.
+#[test]
+fn conv_ops_match_over_many_blocks() {
+    let (n, h, w, cin, cout) = (3, 15, 13, 5, 4);
+    for (seed, (k, stride, pad)) in [
+        (3, 1, 1),
+        (1, 1, 0),
+        (3, 2, 1),
+        (3, 1, 0),
+        (7, 2, 3),
+        (2, 2, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (ho, wo) = (out_size(h, k, stride, pad), out_size(w, k, stride, pad));
+        let (xt, yt, wt) = (
+            img(h, w, cin),
+            img(ho, wo, cout),
+            TensorType::fixed(&[k, k, cin, cout]),
+        );
+        let seed = 10 * seed as u64;
+        let x = values(seed, xt.numel(n));
+        let wv = values(seed + 1, wt.numel(1));
+        let dy = values(seed + 2, yt.numel(n));
+        check_sets(&Op::Conv2d { k, stride, pad }, &[(&x, &xt), (&wv, &wt)], n);
+        let data = Op::Conv2dBackwardData {
+            k,
+            stride,
+            pad,
+            in_h: h,
+            in_w: w,
+        };
+        check_sets(&data, &[(&dy, &yt), (&wv, &wt)], n);
+        check_sets(
+            &Op::Conv2dBackwardFilter { k, stride, pad },
+            &[(&x, &xt), (&dy, &yt)],
+            n,
+        );
+    }
+}
+
 #[test]
 fn dropout_mask_same_on_any_thread_count() {
     let ty = img(33, 31, 17);

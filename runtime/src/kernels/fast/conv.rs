@@ -14,10 +14,16 @@
 //! by images (scatter, so that one task writes each image). Filter gradients
 //! give each thread an equal share of the blocks and one partial sum, so
 //! their rounding depends on the thread count but not on scheduling.
+//!
+//! The gathering kernels read the big side through [`BigSide`], block by
+//! block: a stored tensor lends its rows, and a computed one (the fused
+//! BN-ReLU input) writes only the rows one block reads into a scratch buffer
+//! of its task, where im2col and the GEMM find them still in cache.
 
 use super::matmul::{matmul, Mat};
 use crate::kernels::layout::{ConvShape, Window};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Small-side pixels per im2col block: a block of `k * k * c` columns stays
 /// within a few MiB for the channel counts of DenseNets.
@@ -27,9 +33,75 @@ fn is_pointwise(win: &Window) -> bool {
     win.k == 1 && win.stride == 1 && win.pad == 0
 }
 
+/// The big side of a convolution as the gathering kernels read it: `[pixels,
+/// channels]` rows over the batch, either stored or computed on demand.
+pub(crate) trait BigSide: Sync {
+    /// Channels per big pixel.
+    fn channels(&self) -> usize;
+
+    /// Returns the whole batch as one stored matrix, if there is one.
+    fn stored(&self) -> Option<&[f32]>;
+
+    /// Returns the rows of big pixels `span`, written into `scratch` unless
+    /// they are stored.
+    fn rows<'s>(&'s self, span: Range<usize>, scratch: &'s mut Vec<f32>) -> &'s [f32];
+}
+
+/// A big side held in memory, `[pixels, c]`.
+struct Stored<'a> {
+    data: &'a [f32],
+    c: usize,
+}
+
+impl BigSide for Stored<'_> {
+    fn channels(&self) -> usize {
+        self.c
+    }
+
+    fn stored(&self) -> Option<&[f32]> {
+        Some(self.data)
+    }
+
+    fn rows<'s>(&'s self, span: Range<usize>, _scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        &self.data[span.start * self.c..span.end * self.c]
+    }
+}
+
+/// Returns the big pixels that the taps of small pixels `first .. first +
+/// rows` can read: from the first image's top tap row to the last image's
+/// bottom tap row, whole rows, and every image in between.
+fn big_span(win: &Window, first: usize, rows: usize) -> Range<usize> {
+    if is_pointwise(win) {
+        return first..first + rows;
+    }
+    let per_image = win.small_h * win.small_w;
+    let last = first + rows - 1;
+    let (img0, sy0) = (first / per_image, first % per_image / win.small_w);
+    let (img1, sy1) = (last / per_image, last % per_image / win.small_w);
+    // `big_coord` grows with the small coordinate and with the tap, so the
+    // first in-bounds tap of the first row and the last of the last row bound
+    // every tap of the block. A row without one falls back to the image edge.
+    let top = (0..win.k)
+        .find_map(|ky| win.big_coord(sy0, ky, win.big_h))
+        .unwrap_or(0);
+    let bottom = (0..win.k)
+        .rev()
+        .find_map(|ky| win.big_coord(sy1, ky, win.big_h))
+        .unwrap_or(win.big_h - 1);
+    (img0 * win.big_h + top) * win.big_w..(img1 * win.big_h + bottom + 1) * win.big_w
+}
+
 /// Fills `col` (`rows x k*k*cb`) with the taps of small pixels
-/// `first .. first + rows` over the big image `big` of `cb` channels.
-fn im2col(win: &Window, big: &[f32], cb: usize, first: usize, rows: usize, col: &mut [f32]) {
+/// `first .. first + rows` over `big`, the rows of `cb` channels of big
+/// pixels from `base` on.
+fn im2col(
+    win: &Window,
+    (big, base): (&[f32], usize),
+    cb: usize,
+    first: usize,
+    rows: usize,
+    col: &mut [f32],
+) {
     let width = win.k * win.k * cb;
     let per_image = win.small_h * win.small_w;
     for (r, row) in col[..rows * width].chunks_exact_mut(width).enumerate() {
@@ -45,7 +117,7 @@ fn im2col(win: &Window, big: &[f32], cb: usize, first: usize, rows: usize, col: 
                 let dst = &mut row[(ky * win.k + kx) * cb..(ky * win.k + kx + 1) * cb];
                 match (by, win.big_coord(sx, kx, win.big_w)) {
                     (Some(by), Some(bx)) => {
-                        let src = ((img * win.big_h + by) * win.big_w + bx) * cb;
+                        let src = ((img * win.big_h + by) * win.big_w + bx - base) * cb;
                         dst.copy_from_slice(&big[src..src + cb]);
                     }
                     _ => dst.fill(0.0),
@@ -82,11 +154,12 @@ fn col2im_add(win: &Window, col: &[f32], cb: usize, first: usize, rows: usize, i
 }
 
 /// `small = im2col(big) * wmat`, with `wmat` a `[k*k*cb, cs]` view.
-fn gather(win: &Window, big: &[f32], cb: usize, wmat: Mat, small: &mut [f32], cs: usize) {
-    if is_pointwise(win) {
+fn gather(win: &Window, big: &impl BigSide, wmat: Mat, small: &mut [f32], cs: usize) {
+    let cb = big.channels();
+    if let (true, Some(stored)) = (is_pointwise(win), big.stored()) {
         matmul(
             small,
-            Mat::new(big, win.big_pixels(), cb),
+            Mat::new(stored, win.big_pixels(), cb),
             wmat,
             false,
             true,
@@ -97,12 +170,23 @@ fn gather(win: &Window, big: &[f32], cb: usize, wmat: Mat, small: &mut [f32], cs
     small
         .par_chunks_mut((BLOCK_PIXELS * cs).max(1))
         .enumerate()
-        .for_each_init(Vec::new, |col, (block, out)| {
-            let rows = out.len() / cs.max(1);
-            col.resize(rows * width, 0.0);
-            im2col(win, big, cb, block * BLOCK_PIXELS, rows, col);
-            matmul(out, Mat::new(col, rows, width), wmat, false, false);
-        });
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(col, scratch), (block, out)| {
+                let rows = out.len() / cs.max(1);
+                let first = block * BLOCK_PIXELS;
+                let span = big_span(win, first, rows);
+                let base = span.start;
+                let taps = big.rows(span, scratch);
+                if is_pointwise(win) {
+                    matmul(out, Mat::new(taps, rows, cb), wmat, false, false);
+                    return;
+                }
+                col.resize(rows * width, 0.0);
+                im2col(win, (taps, base), cb, first, rows, col);
+                matmul(out, Mat::new(col, rows, width), wmat, false, false);
+            },
+        );
 }
 
 /// `big = col2im(small * wmat)`, with `wmat` a `[cs, k*k*cb]` view: each small
@@ -139,13 +223,9 @@ fn scatter(win: &Window, small: &[f32], cs: usize, wmat: Mat, big: &mut [f32], c
 
 /// `grad = im2col(big)^T * small`, a `[k*k*cb, cs]` matrix, summed over equal
 /// shares of the pixel blocks, one partial sum per rayon task.
-fn filter_grad(win: &Window, big: &[f32], cb: usize, small: &[f32], cs: usize, grad: &mut [f32]) {
+fn filter_grad(win: &Window, big: &impl BigSide, small: &[f32], cs: usize, grad: &mut [f32]) {
+    let cb = big.channels();
     let pixels = win.small_pixels();
-    if is_pointwise(win) {
-        let lhs = Mat::new(big, pixels, cb).t();
-        matmul(grad, lhs, Mat::new(small, pixels, cs), false, true);
-        return;
-    }
     let width = win.k * win.k * cb;
     let blocks = pixels.div_ceil(BLOCK_PIXELS);
     let shares = rayon::current_num_threads().min(blocks).max(1);
@@ -153,14 +233,22 @@ fn filter_grad(win: &Window, big: &[f32], cb: usize, small: &[f32], cs: usize, g
         .into_par_iter()
         .map(|share| {
             let mut acc = vec![0f32; grad.len()];
-            let mut col = Vec::new();
+            let (mut col, mut scratch) = (Vec::new(), Vec::new());
             for block in share * blocks / shares..(share + 1) * blocks / shares {
                 let first = block * BLOCK_PIXELS;
                 let rows = BLOCK_PIXELS.min(pixels - first);
-                col.resize(rows * width, 0.0);
-                im2col(win, big, cb, first, rows, &mut col);
+                let span = big_span(win, first, rows);
+                let base = span.start;
+                let taps = big.rows(span, &mut scratch);
                 let rhs = Mat::new(&small[first * cs..(first + rows) * cs], rows, cs);
-                matmul(&mut acc, Mat::new(&col, rows, width).t(), rhs, true, false);
+                let lhs = if is_pointwise(win) {
+                    Mat::new(taps, rows, cb)
+                } else {
+                    col.resize(rows * width, 0.0);
+                    im2col(win, (taps, base), cb, first, rows, &mut col);
+                    Mat::new(&col, rows, width)
+                };
+                matmul(&mut acc, lhs.t(), rhs, true, false);
             }
             acc
         })
@@ -202,9 +290,18 @@ fn transpose_taps(src: &[f32], taps: usize, rows: usize, cols: usize) -> Vec<f32
 
 /// Convolution: `y = im2col(x) * W` with `W = w` as `[k*k*cin, cout]`.
 pub fn conv2d(shape: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let x = Stored {
+        data: x,
+        c: shape.cin,
+    };
+    conv2d_over(shape, &x, w, y);
+}
+
+/// [`conv2d`] over a big side that may be computed block by block.
+pub(crate) fn conv2d_over(shape: &ConvShape, x: &impl BigSide, w: &[f32], y: &mut [f32]) {
     let (cin, cout) = (shape.cin, shape.cout);
     let wmat = Mat::new(w, shape.taps() * cin, cout);
-    gather(&shape.win, x, cin, wmat, y, cout);
+    gather(&shape.win, x, wmat, y, cout);
 }
 
 /// Data gradient of a convolution: `dx = col2im(dy * W^T)`.
@@ -216,7 +313,22 @@ pub fn conv2d_backward_data(shape: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [
 
 /// Filter gradient of a convolution: `dw = im2col(x)^T * dy`.
 pub fn conv2d_backward_filter(shape: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-    filter_grad(&shape.win, x, shape.cin, dy, shape.cout, dw);
+    let x = Stored {
+        data: x,
+        c: shape.cin,
+    };
+    conv2d_backward_filter_over(shape, &x, dy, dw);
+}
+
+/// [`conv2d_backward_filter`] over a big side that may be computed block by
+/// block.
+pub(crate) fn conv2d_backward_filter_over(
+    shape: &ConvShape,
+    x: &impl BigSide,
+    dy: &[f32],
+    dw: &mut [f32],
+) {
+    filter_grad(&shape.win, x, dy, shape.cout, dw);
 }
 
 /// Transposed convolution: `y = col2im(x * W')` with `W'[ci, (tap, co)] =
@@ -234,14 +346,8 @@ pub fn conv_transpose2d_backward_data(shape: &ConvShape, dy: &[f32], w: &[f32], 
     let (cin, cout) = (shape.cin, shape.cout);
     let taps = shape.taps();
     let wp = transpose_taps(w, taps, cin, cout);
-    gather(
-        &shape.win,
-        dy,
-        cout,
-        Mat::new(&wp, taps * cout, cin),
-        dx,
-        cin,
-    );
+    let dy = Stored { data: dy, c: cout };
+    gather(&shape.win, &dy, Mat::new(&wp, taps * cout, cin), dx, cin);
 }
 
 /// Filter gradient of a transposed convolution: `im2col(dy)^T * x` is indexed
@@ -250,7 +356,8 @@ pub fn conv_transpose2d_backward_filter(shape: &ConvShape, x: &[f32], dy: &[f32]
     let (cin, cout) = (shape.cin, shape.cout);
     let taps = shape.taps();
     let mut grad = vec![0f32; dw.len()];
-    filter_grad(&shape.win, dy, cout, x, cin, &mut grad);
+    let dy = Stored { data: dy, c: cout };
+    filter_grad(&shape.win, &dy, x, cin, &mut grad);
     dw.copy_from_slice(&transpose_taps(&grad, taps, cout, cin));
 }
 

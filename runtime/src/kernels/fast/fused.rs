@@ -2,15 +2,14 @@
 //! `x = concat(x_1 .. x_m)`, its batch-norm output `u = bn(x)` or the
 //! rectified input `z = relu(u)` of the convolution for the whole batch.
 //!
-//! The convolution and its filter gradient walk the batch in chunks of whole
-//! images. For each chunk they write `z` into one scratch buffer, a
-//! contiguous NHWC matrix with the channels of all inputs side by side, and
-//! run the unfused fast convolution kernel on it. A 1x1 stride-1 convolution
-//! without padding is a product per pixel, so it treats every pixel as a 1x1
-//! image and chunks by pixels. The scratch buffer therefore contains one
-//! chunk, never the whole batch unless the batch is one image. The batch-norm
-//! gradients read the inputs where they lie, in two passes over blocks of
-//! pixels: per-channel sums, then the element-wise gradient.
+//! The convolution and its filter gradient hand the fast convolution kernels
+//! a [`BigSide`] that computes `z` block by block. Each block of output
+//! pixels writes the rows of `z` its taps read into a scratch buffer of its
+//! rayon task. These are its own rows plus a halo of up to `k - 1` image
+//! rows, as an NHWC matrix with the channels of all inputs side by side. The
+//! buffer stays in cache for im2col and the GEMM. The batch-norm gradients
+//! read the inputs where they lie, in two passes over blocks of pixels:
+//! per-channel sums, then the element-wise gradient.
 //!
 //! The element-wise loops run pixel by pixel, then input by input, then over
 //! that input's contiguous channels. The inner loop thus has no branch on
@@ -23,13 +22,12 @@
 //! ReLU mask. The gradient sums run in f32 over runs of `RUN_PIXELS` pixels
 //! and in f64 across runs and blocks, added in block order, so they do not
 //! depend on the thread count. The convolution kernels split their work by
-//! thread count, as `conv.rs` states, and the chunks add their filter
-//! gradients in chunk order, so every result is deterministic for a given
-//! thread count.
+//! thread count, as `conv.rs` states, so every result is deterministic for a
+//! given thread count.
 
-use super::conv;
+use super::conv::{self, BigSide};
 use crate::kernels::dispatch::BnRelu;
-use crate::kernels::layout::{ConvShape, PoolShape, Window};
+use crate::kernels::layout::{ConvShape, PoolShape};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -40,13 +38,6 @@ const BLOCK_ROWS: usize = 512;
 /// error of a run's sum is at most about `RUN_PIXELS` f32 epsilons of the sum
 /// of its magnitudes, and the runs add up in f64.
 const RUN_PIXELS: usize = 32;
-
-/// Big-side pixels per thread in one convolution chunk. At the convolution's
-/// 256-pixel GEMM blocks this gives each thread about 32 blocks per chunk,
-/// and with C = 256 channels a chunk takes 8 MiB of scratch per thread.
-/// On 2 threads, 8192 ran the fused training step of DenseNet-BC-100 (blocks
-/// 8, 8, 8, batch 16) faster than 2048 did.
-const CHUNK_PIXELS_PER_THREAD: usize = 8192;
 
 /// The per-channel affine form of `bn` and the place of each input within the
 /// concatenation.
@@ -124,6 +115,9 @@ impl<'a> Normaliser<'a> {
     /// Writes `z = relu(bn(x))` for pixels `first .. first + rows` of the
     /// batch into `z`, a `[rows, C]` matrix, serially.
     fn rectify_block(&self, first: usize, z: &mut [f32]) {
+        if self.width == 0 {
+            return;
+        }
         let parts = self.parts(first, z.len() / self.width);
         for (r, z_row) in z.chunks_exact_mut(self.width).enumerate() {
             for part in &parts {
@@ -132,17 +126,24 @@ impl<'a> Normaliser<'a> {
             }
         }
     }
+}
 
-    /// Writes `z = relu(bn(x))` for pixels `first .. first + rows` of the
-    /// batch into `z`, a `[rows, C]` matrix, in parallel over pixel blocks.
-    fn rectify(&self, first: usize, z: &mut [f32]) {
-        let c = self.width;
-        if c == 0 {
-            return;
-        }
-        z.par_chunks_mut(BLOCK_ROWS * c)
-            .enumerate()
-            .for_each(|(block, out)| self.rectify_block(first + block * BLOCK_ROWS, out));
+impl BigSide for Normaliser<'_> {
+    fn channels(&self) -> usize {
+        self.width
+    }
+
+    fn stored(&self) -> Option<&[f32]> {
+        None
+    }
+
+    fn rows<'s>(&'s self, span: Range<usize>, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        // `rectify_block` writes every channel of every row, so the stale
+        // values `resize` keeps are all overwritten.
+        scratch.resize(span.len() * self.width, 0.0);
+        let z = &mut scratch[..span.len() * self.width];
+        self.rectify_block(span.start, z);
+        z
     }
 }
 
@@ -229,83 +230,18 @@ impl Coefficients<'_> {
     }
 }
 
-/// Returns the window a chunked convolution sweeps: the layer's window, or,
-/// for a 1x1 stride-1 convolution without padding, one 1x1 image per pixel,
-/// so that its chunks need not consist of whole images.
-fn chunk_window(win: &Window) -> Window {
-    if win.k == 1 && win.stride == 1 && win.pad == 0 {
-        Window {
-            n: win.big_pixels(),
-            big_h: 1,
-            big_w: 1,
-            small_h: 1,
-            small_w: 1,
-            ..*win
-        }
-    } else {
-        *win
-    }
-}
-
-/// Images per convolution chunk: about `CHUNK_PIXELS_PER_THREAD` big-side
-/// pixels per thread, at least one image, and at most half the batch, so that
-/// no chunk contains the whole batch unless the batch is a single image.
-fn chunk_images(win: &Window) -> usize {
-    let budget = CHUNK_PIXELS_PER_THREAD * rayon::current_num_threads();
-    let per_image = (win.big_h * win.big_w).max(1);
-    (budget / per_image).clamp(1, win.n.div_ceil(2).max(1))
-}
-
-/// Calls `f(chunk_shape, z, first_image)` for each chunk of images of
-/// `shape`, in order, where `z` contains `relu(bn(x))` of the chunk's big-side
-/// pixels and `chunk_shape` is the convolution over that chunk alone.
-fn for_each_chunk(shape: &ConvShape, input: &BnRelu, mut f: impl FnMut(&ConvShape, &[f32], usize)) {
-    let norm = Normaliser::new(input);
-    let win = chunk_window(&shape.win);
-    let per_image = win.big_h * win.big_w;
-    let step = chunk_images(&win);
-    let mut z = vec![0f32; step * per_image * norm.width];
-    for first in (0..win.n).step_by(step) {
-        let images = step.min(win.n - first);
-        let z = &mut z[..images * per_image * norm.width];
-        norm.rectify(first * per_image, z);
-        let chunk_shape = ConvShape {
-            win: Window { n: images, ..win },
-            ..*shape
-        };
-        f(&chunk_shape, z, first);
-    }
-}
-
-/// `y = conv(relu(bn(concat(x))), w)`, computed chunk by chunk.
+/// `y = conv(relu(bn(concat(x))), w)`, computing `z` block by block.
 pub fn bn_relu_conv(shape: &ConvShape, input: &BnRelu, w: &[f32], y: &mut [f32]) {
-    let cout = shape.cout;
-    for_each_chunk(shape, input, |chunk, z, first| {
-        let per_image = chunk.win.small_h * chunk.win.small_w * cout;
-        let out = &mut y[first * per_image..(first + chunk.win.n) * per_image];
-        conv::conv2d(chunk, z, w, out);
-    });
+    conv::conv2d_over(shape, &Normaliser::new(input), w, y);
 }
 
-/// `dw = im2col(z)^T * dy`, a `[k*k*C, cout]` matrix, as the sum over chunks
-/// of each chunk's filter gradient, added in chunk order.
+/// `dw = im2col(z)^T * dy`, a `[k*k*C, cout]` matrix, computing `z` block by
+/// block.
 ///
 /// NOTE: this recomputes `z`, which the unfused `conv2d_backward_filter` reads
-/// from the forward pass, so on its own it is slower than that op: by about
-/// 20% in `ldnc bench --profile` of the quickstart and DenseNet-BC-100
-/// examples on 2 threads. The fused batch-norm gradients save more than that.
+/// from the forward pass. The fused batch-norm gradients save more than that.
 pub fn bn_relu_conv_backward_filter(shape: &ConvShape, input: &BnRelu, dy: &[f32], dw: &mut [f32]) {
-    let cout = shape.cout;
-    let mut partial = vec![0f32; dw.len()];
-    dw.fill(0.0);
-    for_each_chunk(shape, input, |chunk, z, first| {
-        let per_image = chunk.win.small_h * chunk.win.small_w * cout;
-        let dy = &dy[first * per_image..(first + chunk.win.n) * per_image];
-        conv::conv2d_backward_filter(chunk, z, dy, &mut partial);
-        for (g, p) in dw.iter_mut().zip(&partial) {
-            *g += p;
-        }
-    });
+    conv::conv2d_backward_filter_over(shape, &Normaliser::new(input), dy, dw);
 }
 
 /// Adds, for every channel of pixels `first .. first + rows`, `du` to
@@ -489,10 +425,10 @@ mod tests {
         let input = two_inputs();
         let norm = Normaliser::new(&input);
         let mut z = [9.0; 6];
-        norm.rectify(0, &mut z);
+        norm.rectify_block(0, &mut z);
         assert_eq!(z, [0.0, 1.0, 2.0, 3.0, 7.0, 5.0]);
         let mut z = [9.0; 3];
-        norm.rectify(1, &mut z);
+        norm.rectify_block(1, &mut z);
         assert_eq!(z, [3.0, 7.0, 5.0]);
     }
 
@@ -503,19 +439,5 @@ mod tests {
         let mut grad = [0.0; 6];
         bn_relu_affine_grad(&input, &[1.0, 1.0, 1.0, 2.0, 2.0, 2.0], &mut grad);
         assert_eq!(grad, [6.0, 9.0, 12.0, 2.0, 3.0, 3.0]);
-    }
-
-    #[test]
-    fn pointwise_chunks_are_pixels() {
-        let op = ldnc_ir::Op::Conv2d {
-            k: 1,
-            stride: 1,
-            pad: 0,
-        };
-        let win = Window::new(&op, 3, (4, 5), (4, 5), (1, 1, 0)).expect("window fits");
-        let chunks = chunk_window(&win);
-        assert_eq!(chunks.n, 60);
-        assert_eq!((chunks.big_h, chunks.small_w), (1, 1));
-        assert!(chunk_images(&chunks) <= 30);
     }
 }
