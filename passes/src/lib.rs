@@ -2,13 +2,15 @@
 //!
 //! `autodiff` builds the training graph (forward, backward and optimizer updates)
 //! from a network expanded in training mode; `fuse` rewrites it with egg so the
-//! bottleneck, transition and concatenation ops fuse; `memory` assigns values to shared
+//! bottleneck, transition and concatenation ops fuse; `remat` recomputes cheap
+//! forward values in the backward pass; `memory` assigns values to shared
 //! buffers by liveness; `pipeline` runs them in order for a network spec.
 
 pub mod autodiff;
 pub mod fuse;
 pub mod memory;
 pub mod pipeline;
+pub mod remat;
 
 /// Errors of the compiler passes.
 #[derive(Debug, thiserror::Error)]

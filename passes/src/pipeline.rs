@@ -1,5 +1,6 @@
 //! The pass half of the compiler, in one place: expand a spec, differentiate
-//! the unfused network, fuse the whole training graph and plan memory.
+//! the unfused network, fuse the whole training graph, recompute cheap forward
+//! values in the backward pass and plan memory.
 //! Lowering to a program is codegen's part and takes the `Planned` graph this
 //! module returns.
 //!
@@ -16,7 +17,7 @@ use ldnc_ir::spec::NetSpec;
 use ldnc_ir::{expand, Mode};
 
 use crate::fuse::{fuse, fuse_training, FuseOptions, FuseReport};
-use crate::{autodiff, memory, Result};
+use crate::{autodiff, memory, remat, Result};
 
 /// Choices that change the compiled program but not the network.
 #[derive(Debug, Clone)]
@@ -66,8 +67,10 @@ pub fn training(spec: &NetSpec, options: &Options) -> Result<TrainingStages> {
     let expanded = expand(spec, Mode::Train)?;
     let differentiated = autodiff::differentiate(&expanded, &spec.train)?;
     let (tg, fusion) = if options.fuse {
-        let (fused, report) = fuse_training(&differentiated, &options.fuse_options)?;
-        (fused, Some(report))
+        let (fused, mut report) = fuse_training(&differentiated, &options.fuse_options)?;
+        let remat = remat::rematerialise(&fused);
+        report.recomputed = remat.recomputed;
+        (remat.training, Some(report))
     } else {
         (differentiated.clone(), None)
     };

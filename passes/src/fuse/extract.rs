@@ -29,8 +29,9 @@ use crate::{Error, Result};
 ///
 /// NOTE: the cost ignores how long a value stays live. A shared class also
 /// hides the chain values it reads, so the pooled transition input that the
-/// `pool-conv` and `pool-conv-filter` terms share looks free to both, and it
-/// is stored from the forward into the backward pass.
+/// `pool-conv` and `pool-conv-filter` terms share looks free to both. The
+/// pipeline's rematerialisation pass then recomputes it in the backward pass
+/// instead of storing it, but no other long-lived value gets that treatment.
 pub struct Cost<'a> {
     egraph: &'a FuseGraph,
     byte_weight: f64,

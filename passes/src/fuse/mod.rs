@@ -79,6 +79,9 @@ pub struct FuseReport {
     /// Times each rule added something, summed over iterations.
     pub applied: Vec<(String, usize)>,
     pub seconds: f64,
+    /// Values that the backward pass recomputes instead of reading a stored
+    /// copy (filled in by the pipeline's rematerialisation, training only).
+    pub recomputed: Vec<String>,
 }
 
 fn rewrites() -> Vec<Rewrite<ENode, Ops>> {
@@ -274,6 +277,7 @@ fn fuse_graph(
         stop_reason,
         applied,
         seconds: started.elapsed().as_secs_f64(),
+        recomputed: Vec::new(),
     };
     tracing::info!(
         before = report.nodes_before,

@@ -488,6 +488,13 @@ fn print_fusion(out: &mut impl io::Write, fusion: &[FuseReport]) -> io::Result<(
                 applied.join(", ")
             }
         )?;
+        if !report.recomputed.is_empty() {
+            writeln!(
+                out,
+                "  remat       {graph} graph: the backward pass recomputes {} instead of storing them",
+                super::plural(report.recomputed.len(), "forward value")
+            )?;
+        }
     }
     Ok(())
 }

@@ -115,6 +115,13 @@ pub fn inspect_network(
                 p.seconds,
                 fired.join(", ")
             )?;
+            if !p.recomputed.is_empty() {
+                writeln!(
+                    out,
+                    "recomputed in the backward pass ({name}): {}",
+                    super::plural(p.recomputed.len(), "value")
+                )?;
+            }
         }
     }
     Ok(())
