@@ -91,6 +91,27 @@ pub struct Meta {
 
 /// Writes `store` and `meta` to `path` atomically.
 pub fn save(path: &Path, store: &Store, meta: &Meta) -> Result<(), CheckpointError> {
+    let mut info = HashMap::new();
+    info.insert(
+        "ldnc_checkpoint".to_string(),
+        CHECKPOINT_VERSION.to_string(),
+    );
+    info.insert("network".to_string(), meta.network.clone());
+    info.insert("spec".to_string(), meta.spec_json.clone());
+    info.insert("epoch".to_string(), meta.epoch.to_string());
+    info.insert("step".to_string(), meta.step.to_string());
+    info.insert("seed".to_string(), meta.seed.to_string());
+    info.insert("config".to_string(), meta.config_json.clone());
+    write_file(path, store, info)
+}
+
+/// Writes every tensor of `store` with the metadata `info` and its checksum to
+/// `path` atomically, as a safetensors file.
+pub(crate) fn write_file(
+    path: &Path,
+    store: &Store,
+    mut info: HashMap<String, String>,
+) -> Result<(), CheckpointError> {
     let write_err = |source| CheckpointError::Write {
         path: path.to_path_buf(),
         source,
@@ -110,17 +131,6 @@ pub fn save(path: &Path, store: &Store, meta: &Meta) -> Result<(), CheckpointErr
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
-    let mut info = HashMap::new();
-    info.insert(
-        "ldnc_checkpoint".to_string(),
-        CHECKPOINT_VERSION.to_string(),
-    );
-    info.insert("network".to_string(), meta.network.clone());
-    info.insert("spec".to_string(), meta.spec_json.clone());
-    info.insert("epoch".to_string(), meta.epoch.to_string());
-    info.insert("step".to_string(), meta.step.to_string());
-    info.insert("seed".to_string(), meta.seed.to_string());
-    info.insert("config".to_string(), meta.config_json.clone());
     let tensors = bytes
         .iter()
         .map(|(name, dims, raw)| (name.as_str(), dims.as_slice(), raw.as_slice()));
@@ -153,22 +163,69 @@ pub fn save(path: &Path, store: &Store, meta: &Meta) -> Result<(), CheckpointErr
 /// Checkpoint tensors by name: shape and data.
 pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// Reads a checkpoint's tensors and metadata.
-pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
-    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read {
+/// Reads the whole file `path`.
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, CheckpointError> {
+    std::fs::read(path).map_err(|source| CheckpointError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+/// Parses the metadata of `bytes`, the contents of the safetensors file `path`.
+pub(crate) fn parse_info(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<HashMap<String, String>, CheckpointError> {
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|error| CheckpointError::NotCheckpoint {
+            path: path.to_path_buf(),
+            reason: describe(&error),
+        })?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+/// Parses the tensors of `bytes`, the contents of the safetensors file `path`
+/// with metadata `info`, and checks them against the stored checksum.
+pub(crate) fn parse_tensors(
+    path: &Path,
+    bytes: &[u8],
+    info: &HashMap<String, String>,
+) -> Result<Tensors, CheckpointError> {
+    let tensors =
+        SafeTensors::deserialize(bytes).map_err(|error| CheckpointError::NotCheckpoint {
+            path: path.to_path_buf(),
+            reason: describe(&error),
+        })?;
+    let mut views = tensors.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    verify(path, info, &views)?;
+
+    let mut out = HashMap::new();
+    for (name, view) in views {
+        if view.dtype() != Dtype::F32 {
+            return Err(CheckpointError::Format {
+                path: path.to_path_buf(),
+                message: format!("tensor {name} is {:?}, expected F32", view.dtype()),
+            });
+        }
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(name, (view.shape().to_vec(), data));
+    }
+    Ok(out)
+}
+
+/// Reads a checkpoint's tensors and metadata.
+pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
     let format = |message: String| CheckpointError::Format {
         path: path.to_path_buf(),
         message,
     };
-    let not_checkpoint = |error: SafeTensorError| CheckpointError::NotCheckpoint {
-        path: path.to_path_buf(),
-        reason: describe(&error),
-    };
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(not_checkpoint)?;
-    let info = header.metadata().clone().unwrap_or_default();
+    let bytes = read_bytes(path)?;
+    let info = parse_info(path, &bytes)?;
     let version = info
         .get("ldnc_checkpoint")
         .cloned()
@@ -198,27 +255,8 @@ pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
         seed: number("seed")?,
         config_json: field("config")?,
     };
-    let tensors = SafeTensors::deserialize(&bytes).map_err(not_checkpoint)?;
-    let mut views = tensors.tensors();
-    views.sort_by(|a, b| a.0.cmp(&b.0));
-    verify(path, &info, &views)?;
-
-    let mut out = HashMap::new();
-    for (name, view) in views {
-        if view.dtype() != Dtype::F32 {
-            return Err(format(format!(
-                "tensor {name} is {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        out.insert(name, (view.shape().to_vec(), data));
-    }
-    Ok((out, meta))
+    let tensors = parse_tensors(path, &bytes, &info)?;
+    Ok((tensors, meta))
 }
 
 /// Computes the checksum stored under [`CHECKSUM_KEY`]: a CRC32 over every

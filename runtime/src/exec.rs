@@ -161,6 +161,17 @@ impl Executor {
         Ok(())
     }
 
+    /// Runs steps `steps`, in the order given, at batch size 1 without feeding
+    /// a batch. The steps must not read the image or the labels.
+    pub fn run_steps(&mut self, store: &mut Store, steps: &[usize]) -> Result<(), ExecError> {
+        self.n = 1;
+        let params = StepParams { lr: 0.0, seed: 0 };
+        for &s in steps {
+            self.run_step(store, s, params)?;
+        }
+        Ok(())
+    }
+
     fn run_step(
         &mut self,
         store: &mut Store,

@@ -10,6 +10,8 @@ pub mod checkpoint;
 pub mod cuda_exec;
 pub mod data;
 pub mod exec;
+pub mod export;
+pub mod freeze;
 pub mod kernels;
 pub mod metrics;
 pub mod optim;

@@ -1,5 +1,5 @@
-//! The `ldnc` command-line tool: inspect, train, evaluate and build networks
-//! written as RON files.
+//! The `ldnc` command-line tool: inspect, train, evaluate, export and build
+//! networks written as RON files.
 //!
 //! The same binary also runs as a compiled network executable: when its own
 //! file ends with a payload written by `ldnc build`, it offers that network's
@@ -37,8 +37,10 @@ enum Command {
     Inspect(cli::inspect::InspectArgs),
     /// Train a network on a dataset.
     Train(cli::train::TrainArgs),
-    /// Evaluate a checkpoint on a dataset's test split.
+    /// Evaluate a checkpoint or an export on a dataset's test split.
     Eval(cli::train::EvalArgs),
+    /// Write a checkpoint's evaluation program, with batch norms folded into convs, and its tensors to one file.
+    Export(cli::export::ExportArgs),
     /// Compile a network into a standalone executable that trains, evaluates and inspects it.
     Build(cli::build::BuildArgs),
     /// Look at a dataset: split sizes, classes, statistics, undecodable files.
@@ -89,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => cli::inspect::run(&args),
         Command::Train(args) => cli::train::run_train(&args, cli.quiet),
         Command::Eval(args) => cli::train::run_eval(&args),
+        Command::Export(args) => cli::export::run(&args),
         Command::Build(args) => cli::build::run_build(&args, cli.quiet),
         Command::Data(args) => cli_data::run(args, cli.quiet),
         Command::Bench(args) => cli::bench::run(&args),

@@ -257,6 +257,71 @@ fn folded_eval_matches_unfused() {
     );
 }
 
+/// `ldnc export` folds the bottleneck batch norms of a trained run into its
+/// convs, and `ldnc eval` of the export reproduces the checkpoint's figures.
+#[test]
+fn export_evaluates_like_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_tiny_dataset(&dir.path().join("tiny"));
+    let net = repo().join("examples/quickstart.ron");
+    let mut args = vec![
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        &data,
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--out",
+        "run",
+        "-q",
+        "--set",
+        "bottleneck=Some(2)",
+    ];
+    args.extend(SMALL);
+    let out = ldnc(&args, dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let export = ["export", "run", "--out", "model.safetensors", "--json"];
+    let out = ldnc(&export, dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let precomputed = summary["precomputed"].as_array().unwrap();
+    assert!(!precomputed.is_empty(), "nothing was folded: {summary}");
+    assert!(precomputed
+        .iter()
+        .all(|name| name.as_str().unwrap().contains(".folded")));
+
+    let evaluate = |source: &str| {
+        let out = ldnc(&["eval", source, "--data", &data, "--json"], dir.path());
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()
+    };
+    let (exported, trained) = (evaluate("model.safetensors"), evaluate("run"));
+    assert_eq!(exported["program"], "export");
+    assert_eq!(trained["program"], "fused");
+    assert_eq!(exported["loss"], trained["loss"]);
+    assert_eq!(exported["top1_accuracy"], trained["top1_accuracy"]);
+
+    let out = ldnc(
+        &["eval", "model.safetensors", "--data", &data, "--no-fuse"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is an export"), "{}", stderr(&out));
+    let out = ldnc(
+        &["export", "model.safetensors", "--out", "again.safetensors"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("already an export"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn diverging_loss_stops_with_the_step() {
     let dir = tempfile::tempdir().unwrap();

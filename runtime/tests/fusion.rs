@@ -1,8 +1,9 @@
 //! The fusion pass and the memory planner checked by execution: fused and
 //! unfused programs of random small networks of every template train to the
 //! same weights, batch-norm running statistics are updated once per step, every
-//! example's plan passes the independent checker, and the planned bytes are
-//! what the executor allocates.
+//! example's plan passes the independent checker, the planned bytes are what
+//! the executor allocates, and frozen and exported evaluation programs give the
+//! logits of the programs they came from.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ use ldnc_ir::Op;
 use ldnc_passes::memory;
 use ldnc_passes::pipeline::{self, Planned};
 use ldnc_runtime::exec::{Executor, StepParams};
+use ldnc_runtime::export;
+use ldnc_runtime::freeze::freeze;
 use ldnc_runtime::kernels::KernelSet;
 use ldnc_runtime::store::Store;
 use proptest::prelude::*;
@@ -423,5 +426,56 @@ proptest! {
                 prop_assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{} vs {}", a, b);
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Freezing runs the batch-norm folds once and drops their steps; the
+    /// frozen program gives the same logits, bit for bit, as the program it
+    /// came from, and an export of it loads back unchanged.
+    #[test]
+    fn frozen_evaluates_like_folded(
+        template in 0..TEMPLATES.len(),
+        transition in 0..TRANSITIONS.len(),
+        supervise in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let spec = small_spec(template, transition, true, supervise);
+        let n = 2;
+        let images = noise(n * 6 * 6 * 2, seed);
+        let labels: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
+        let folded = eval_program(&spec, true);
+        let is_fold = |op: &Op| matches!(op, Op::BnFoldWeight { .. } | Op::BnFoldBias { .. });
+        let folds = folded.steps.iter().filter(|s| is_fold(&s.op)).count();
+        prop_assert!(folds > 0, "no batch norm was folded");
+
+        let mut store = Store::init(&[&folded], seed);
+        randomise_batch_norm(&mut store, seed);
+        let frozen = freeze(&folded, &store, KernelSet::Reference).unwrap();
+        prop_assert_eq!(frozen.precomputed.len(), folds);
+        prop_assert!(frozen.program.steps.iter().all(|s| !is_fold(&s.op)));
+        prop_assert_eq!(frozen.program.steps.len(), folded.steps.len() - folds);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.safetensors");
+        export::save(&path, &spec, &frozen, 3).unwrap();
+        let loaded = export::load(&path).unwrap();
+        prop_assert_eq!(&loaded.frozen.program, &frozen.program);
+        prop_assert_eq!(&loaded.frozen.store, &frozen.store);
+        prop_assert_eq!(&loaded.spec, &spec);
+        prop_assert_eq!(loaded.epoch, 3);
+
+        let mut logits = Vec::new();
+        for (program, mut store) in [(folded, store), (loaded.frozen.program, loaded.frozen.store)] {
+            let heads = program.logits.clone();
+            let mut exec = Executor::new(program, n, KernelSet::Reference).unwrap();
+            exec.run(&mut store, &images, &labels, n, StepParams { lr: 0.0, seed: 0 }).unwrap();
+            let values: Vec<Vec<f32>> =
+                heads.iter().map(|&h| exec.value(&store, h).unwrap().to_vec()).collect();
+            logits.push(values);
+        }
+        prop_assert_eq!(&logits[0], &logits[1]);
     }
 }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod build;
 pub mod compile;
+pub mod export;
 pub mod inspect;
 pub mod train;
 

@@ -16,10 +16,12 @@ use ldnc_ir::program::CompiledNet;
 use ldnc_ir::spec::{LrSchedule, NetSpec};
 use ldnc_runtime::checkpoint;
 use ldnc_runtime::data::{self, DataSpec, Source};
+use ldnc_runtime::export;
 use ldnc_runtime::kernels::KernelSet;
 use ldnc_runtime::metrics::Confusion;
 use ldnc_runtime::train::{
-    self, Data, EpochMetrics, Evaluation, Pipeline, Position, RunFiles, Session, TrainConfig,
+    self, check_data, evaluate as evaluate_frozen, Data, EpochMetrics, Evaluation, Pipeline,
+    Position, RunFiles, Session, TrainConfig,
 };
 
 use super::compile::{compile, CompileOptions};
@@ -436,7 +438,8 @@ fn resume_settings(
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A checkpoint written by `ldnc train` (a file, or the run folder).
+    /// A checkpoint written by `ldnc train` (a file, or the run folder), or an
+    /// export written by `ldnc export`.
     pub checkpoint: PathBuf,
     /// Dataset to evaluate on (its test split).
     #[arg(long)]
@@ -462,21 +465,10 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
 /// Evaluates a checkpoint. A compiled network executable passes its path and
 /// programs as `embedded`, and the checkpoint must come from that network.
 pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Result<()> {
-    if !args.checkpoint.exists() {
-        bail!(
-            "{} does not exist; pass the checkpoint.safetensors that `ldnc train` wrote, or its \
-             run folder",
-            args.checkpoint.display()
-        );
+    let path = checkpoint_file(&args.checkpoint)?;
+    if export::is_export(&path) {
+        return evaluate_export(args, &path);
     }
-    let path = if args.checkpoint.is_dir() {
-        RunFiles {
-            dir: args.checkpoint.clone(),
-        }
-        .checkpoint()
-    } else {
-        args.checkpoint.clone()
-    };
     let (tensors, meta) = checkpoint::load(&path)?;
     let spec: NetSpec = serde_json::from_str(&meta.spec_json)
         .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
@@ -504,6 +496,21 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
     let pipeline = Pipeline::for_dataset(data_spec.kind, spec.input, 0, false)?;
     session.check_data(data, &pipeline)?;
     let evaluation = session.evaluate(data, &pipeline.eval, args.batch)?;
+    let program = if args.no_fuse { "unfused" } else { "fused" };
+    report_evaluation(args, &path, &spec, data, &pipeline, &evaluation, program)
+}
+
+/// Prints an evaluation as a table, or as one JSON object with `--json`.
+/// `program` names what ran: `fused`, `unfused` or `export`.
+fn report_evaluation(
+    args: &EvalArgs,
+    path: &Path,
+    spec: &NetSpec,
+    data: Data,
+    pipeline: &Pipeline,
+    evaluation: &Evaluation,
+    program: &str,
+) -> Result<()> {
     let segmentation = data.is_segmentation();
     let mut result = serde_json::json!({
         "checkpoint": path.display().to_string(),
@@ -511,12 +518,13 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
         "dataset": data.name(),
         "evaluated_on": pipeline.eval.describe(),
         "loss": evaluation.loss,
-        "fused": !args.no_fuse,
+        "fused": program != "unfused",
+        "program": program,
     });
     let fields = if segmentation {
         segmentation_json(&evaluation.confusion, data.class_names())
     } else {
-        classification_json(&evaluation)
+        classification_json(evaluation)
     };
     result
         .as_object_mut()
@@ -531,8 +539,56 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
         writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
         return Ok(());
     }
-    print_evaluation(&mut out, &spec.name, data, &pipeline, &evaluation)?;
+    print_evaluation(&mut out, &spec.name, data, pipeline, evaluation)?;
     Ok(())
+}
+
+/// Returns the checkpoint file that `given` names: the file itself, or the
+/// checkpoint of a run folder.
+pub fn checkpoint_file(given: &Path) -> Result<PathBuf> {
+    if !given.exists() {
+        bail!(
+            "{} does not exist; pass the checkpoint.safetensors that `ldnc train` wrote, or its \
+             run folder",
+            given.display()
+        );
+    }
+    Ok(if given.is_dir() {
+        RunFiles {
+            dir: given.to_path_buf(),
+        }
+        .checkpoint()
+    } else {
+        given.to_path_buf()
+    })
+}
+
+/// Evaluates an export that `ldnc export` wrote: its frozen program runs as
+/// stored, so `--no-fuse` does not apply.
+fn evaluate_export(args: &EvalArgs, path: &Path) -> Result<()> {
+    if args.no_fuse {
+        bail!(
+            "{} is an export, whose program is fixed when it is written, so --no-fuse cannot \
+             apply; export the checkpoint with `ldnc export --no-fuse`, or evaluate the \
+             checkpoint itself",
+            path.display()
+        );
+    }
+    let loaded = export::load(path)?;
+    let spec = loaded.spec;
+    let (data_spec, source_data) = open_data(&args.data)?;
+    let data = Data::from(&source_data);
+    let pipeline = Pipeline::for_dataset(data_spec.kind, spec.input, 0, false)?;
+    check_data(&spec, data, &pipeline)?;
+    let evaluation = evaluate_frozen(
+        &spec,
+        loaded.frozen,
+        args.kernels.into(),
+        data,
+        &pipeline.eval,
+        args.batch,
+    )?;
+    report_evaluation(args, path, &spec, data, &pipeline, &evaluation, "export")
 }
 
 /// Collects the JSON fields of a classification evaluation.

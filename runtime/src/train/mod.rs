@@ -43,7 +43,7 @@ pub use pipeline::{describe_augment, EvalView, Pipeline};
 pub use report::EpochMetrics;
 pub use run::{train, train_with, Position};
 pub use schedule::learning_rate;
-pub use session::{Evaluation, Session};
+pub use session::{check_data, evaluate, ignore_label, Evaluation, Session};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

@@ -4,12 +4,13 @@
 use std::sync::Arc;
 
 use ldnc_ir::program::CompiledNet;
-use ldnc_ir::spec::Task;
+use ldnc_ir::spec::{NetSpec, Task};
 use ldnc_ir::CLASS_WEIGHTS;
 
 use crate::cuda_exec::CudaExecutor;
 use crate::data::{Augment, Batch, BatchConfig, Batcher};
-use crate::exec::{Executor, StepParams};
+use crate::exec::{ExecError, Executor, StepParams};
+use crate::freeze::{freeze, Frozen};
 use crate::kernels::KernelSet;
 use crate::metrics::{self, Confusion, Hits};
 use crate::store::Store;
@@ -36,7 +37,7 @@ pub struct Session {
     pub net: CompiledNet,
     pub store: Store,
     train: Executor,
-    eval: Executor,
+    kernels: KernelSet,
     /// The training program on the GPU, when training runs there; the store is
     /// then brought up to date by `sync` before evaluation and checkpoints.
     cuda: Option<Box<CudaExecutor>>,
@@ -53,12 +54,14 @@ impl Session {
     ) -> Result<Session, TrainError> {
         let store = Store::init(&[&net.train, &net.eval], seed);
         let train = Executor::new(net.train.clone(), batch, kernels)?;
-        let eval = Executor::new(net.eval.clone(), batch, kernels)?;
+        // Evaluation freezes the program afresh for each pass, so only check it
+        // here.
+        net.eval.check().map_err(ExecError::from)?;
         Ok(Session {
             net,
             store,
             train,
-            eval,
+            kernels,
             cuda: None,
         })
     }
@@ -129,83 +132,13 @@ impl Session {
 
     /// Returns the label that the network's loss skips (segmentation only).
     pub fn ignore_label(&self) -> Option<u32> {
-        match self.net.spec.task {
-            Task::Segmentation { ignore_label, .. } => ignore_label,
-            Task::Classification => None,
-        }
+        ignore_label(&self.net.spec)
     }
 
     /// Checks that `data` seen through `pipeline` produces the batches the
     /// network takes: image size and channels, classes, task and ignore label.
     pub fn check_data(&self, data: Data, pipeline: &Pipeline) -> Result<(), TrainError> {
-        let spec = &self.net.spec;
-        let input = spec.input;
-        let incompatible = |reason: String| TrainError::Incompatible {
-            dataset: data.name().to_string(),
-            network: spec.name.clone(),
-            reason,
-        };
-        if data.classes() != spec.classes {
-            return Err(TrainError::Classes {
-                got: data.classes(),
-                expected: spec.classes,
-            });
-        }
-
-        let segmentation = matches!(spec.task, Task::Segmentation { .. });
-        if segmentation != data.is_segmentation() {
-            let (network, dataset) = if segmentation {
-                ("segmentation (one label per pixel)", "one label per image")
-            } else {
-                (
-                    "classification (one label per image)",
-                    "one label per pixel",
-                )
-            };
-            return Err(incompatible(format!(
-                "the network's task is {network}, but the dataset has {dataset}; use a network \
-                 with the matching `task`"
-            )));
-        }
-        if segmentation && data.ignore_label() != self.ignore_label() {
-            return Err(incompatible(format!(
-                "the dataset's ignore label is {:?} but the network's `task` has ignore_label: \
-                 {:?}; set ignore_label: {:?} in the network file's `task`",
-                data.ignore_label(),
-                self.ignore_label(),
-                data.ignore_label()
-            )));
-        }
-
-        let shape =
-            |height: usize, width: usize, channels: usize| format!("{height}x{width}x{channels}");
-        let expected = shape(input.height, input.width, input.channels);
-        match data {
-            Data::Memory(dataset) => {
-                for split in [&dataset.train, &dataset.test] {
-                    let got = shape(split.height, split.width, split.channels);
-                    let fits = match (&pipeline.train, &pipeline.eval) {
-                        (Augment::RandomCrop { size }, _) | (_, EvalView::Tiles { size }) => {
-                            split.height >= *size && split.width >= *size
-                        }
-                        (Augment::RandomResizedCrop { .. }, _) => true,
-                        _ => split.height == input.height && split.width == input.width,
-                    };
-                    if !fits || split.channels != input.channels {
-                        return Err(TrainError::InputShape { got, expected });
-                    }
-                }
-            }
-            // The prefetcher decodes every image to RGB.
-            Data::Files(_) if input.channels != 3 => {
-                return Err(TrainError::InputShape {
-                    got: "RGB images (3 channels)".into(),
-                    expected,
-                });
-            }
-            Data::Files(_) => {}
-        }
-        Ok(())
+        check_data(&self.net.spec, data, pipeline)
     }
 
     /// Runs one training step and returns the loss and the final head's
@@ -232,80 +165,105 @@ impl Session {
     }
 
     /// Evaluates the test split of `data` as `view` defines, with the running
-    /// batch-norm statistics, in batches of up to `batch`.
+    /// batch-norm statistics, in batches of up to `batch`. The evaluation
+    /// program is frozen first, so steps that read only parameters (batch-norm
+    /// folding) run once per pass, not once per batch.
     pub fn evaluate(
         &mut self,
         data: Data,
         view: &EvalView,
         batch: usize,
     ) -> Result<Evaluation, TrainError> {
-        let mut config = BatchConfig::eval(batch);
-        config.ignore_label = data.ignore_label();
-        let norm = data.normalization();
-        let mut tally = EvalTally::new(self.net.spec.classes);
-        let mut skipped = 0;
-        match (data, view) {
-            (Data::Memory(dataset), EvalView::Whole(augment)) => {
-                config.augment = augment.clone();
-                for b in Batcher::new(&dataset.test, &norm, &config, 0) {
-                    self.score(&b, &mut tally)?;
-                }
-            }
-            (Data::Memory(dataset), EvalView::Tiles { size }) => {
-                let tiles = TileGrid::new(&dataset.test, *size);
-                for chunk in tiles.tiles.chunks(batch.max(1)) {
-                    let b = tiles.batch(&dataset.test, &norm, self.ignore_label(), chunk);
-                    self.score(&b, &mut tally)?;
-                }
-            }
-            (Data::Files(files), EvalView::Whole(augment)) => {
-                config.augment = augment.clone();
-                let list = Arc::new(files.test.clone());
-                let mut batches = FileBatches::new(list, &norm, &config, 0, loader_threads());
-                for b in batches.by_ref() {
-                    self.score(&b?, &mut tally)?;
-                }
-                skipped = batches.skipped();
-                if skipped > 0 {
-                    tracing::warn!(
-                        skipped,
-                        "undecodable test images left out of the evaluation"
-                    );
-                }
-            }
-            (Data::Files(files), EvalView::Tiles { .. }) => {
-                return Err(TrainError::Incompatible {
-                    dataset: files.name.clone(),
-                    network: self.net.spec.name.clone(),
-                    reason: "tiled evaluation needs label maps, and image-file datasets have one \
-                             label per image; evaluate with a centre crop"
-                        .into(),
-                });
+        let frozen = freeze(&self.net.eval, &self.store, self.kernels)?;
+        evaluate(&self.net.spec, frozen, self.kernels, data, view, batch)
+    }
+}
+
+/// Evaluates `frozen`, the frozen evaluation program of the network of
+/// `spec`, on the test split of `data` as `view` defines, in batches of up to
+/// `batch`.
+pub fn evaluate(
+    spec: &NetSpec,
+    frozen: Frozen,
+    kernels: KernelSet,
+    data: Data,
+    view: &EvalView,
+    batch: usize,
+) -> Result<Evaluation, TrainError> {
+    let mut pass = EvalPass {
+        executor: Executor::new(frozen.program, batch, kernels)?,
+        store: frozen.store,
+        ignore: ignore_label(spec),
+    };
+    let mut config = BatchConfig::eval(batch);
+    config.ignore_label = data.ignore_label();
+    let norm = data.normalization();
+    let mut tally = EvalTally::new(spec.classes);
+    let mut skipped = 0;
+    match (data, view) {
+        (Data::Memory(dataset), EvalView::Whole(augment)) => {
+            config.augment = augment.clone();
+            for b in Batcher::new(&dataset.test, &norm, &config, 0) {
+                pass.score(&b, &mut tally)?;
             }
         }
-        Ok(Evaluation {
-            loss: tally.loss_sum / tally.rows.max(1) as f64,
-            confusion: tally.confusion,
-            skipped,
-        })
+        (Data::Memory(dataset), EvalView::Tiles { size }) => {
+            let tiles = TileGrid::new(&dataset.test, *size);
+            for chunk in tiles.tiles.chunks(batch.max(1)) {
+                let b = tiles.batch(&dataset.test, &norm, pass.ignore, chunk);
+                pass.score(&b, &mut tally)?;
+            }
+        }
+        (Data::Files(files), EvalView::Whole(augment)) => {
+            config.augment = augment.clone();
+            let list = Arc::new(files.test.clone());
+            let mut batches = FileBatches::new(list, &norm, &config, 0, loader_threads());
+            for b in batches.by_ref() {
+                pass.score(&b?, &mut tally)?;
+            }
+            skipped = batches.skipped();
+            if skipped > 0 {
+                tracing::warn!(
+                    skipped,
+                    "undecodable test images left out of the evaluation"
+                );
+            }
+        }
+        (Data::Files(files), EvalView::Tiles { .. }) => {
+            return Err(TrainError::Incompatible {
+                dataset: files.name.clone(),
+                network: spec.name.clone(),
+                reason: "tiled evaluation needs label maps, and image-file datasets have one \
+                         label per image; evaluate with a centre crop"
+                    .into(),
+            });
+        }
     }
+    Ok(Evaluation {
+        loss: tally.loss_sum / tally.rows.max(1) as f64,
+        confusion: tally.confusion,
+        skipped,
+    })
+}
 
-    /// Runs the evaluation program on one batch and adds its figures to `tally`.
+/// A frozen evaluation program with its tensors.
+struct EvalPass {
+    executor: Executor,
+    store: Store,
+    ignore: Option<u32>,
+}
+
+impl EvalPass {
+    /// Runs the program on one batch and adds its figures to `tally`.
     fn score(&mut self, batch: &Batch, tally: &mut EvalTally) -> Result<(), TrainError> {
         let params = StepParams { lr: 0.0, seed: 0 };
-        self.eval.run(
-            &mut self.store,
-            &batch.images,
-            &batch.labels,
-            batch.len,
-            params,
-        )?;
-        tally.loss_sum += self.eval.loss(&self.store)? as f64 * batch.len as f64;
+        let (executor, store) = (&mut self.executor, &mut self.store);
+        executor.run(store, &batch.images, &batch.labels, batch.len, params)?;
+        tally.loss_sum += executor.loss(store)? as f64 * batch.len as f64;
         tally.rows += batch.len;
-        let ignore = self.ignore_label();
         tally
             .confusion
-            .add(self.eval.final_logits(&self.store)?, &batch.labels, ignore);
+            .add(executor.final_logits(store)?, &batch.labels, self.ignore);
         Ok(())
     }
 }
@@ -325,4 +283,86 @@ impl EvalTally {
             confusion: Confusion::new(classes),
         }
     }
+}
+
+/// Returns the label that `spec`'s loss skips (segmentation only).
+pub fn ignore_label(spec: &NetSpec) -> Option<u32> {
+    match spec.task {
+        Task::Segmentation { ignore_label, .. } => ignore_label,
+        Task::Classification => None,
+    }
+}
+
+/// Checks that `data` seen through `pipeline` produces the batches that the
+/// network of `spec` takes: image size and channels, classes, task and ignore
+/// label.
+pub fn check_data(spec: &NetSpec, data: Data, pipeline: &Pipeline) -> Result<(), TrainError> {
+    let input = spec.input;
+
+    let incompatible = |reason: String| TrainError::Incompatible {
+        dataset: data.name().to_string(),
+        network: spec.name.clone(),
+        reason,
+    };
+    if data.classes() != spec.classes {
+        return Err(TrainError::Classes {
+            got: data.classes(),
+            expected: spec.classes,
+        });
+    }
+
+    let segmentation = matches!(spec.task, Task::Segmentation { .. });
+    if segmentation != data.is_segmentation() {
+        let (network, dataset) = if segmentation {
+            ("segmentation (one label per pixel)", "one label per image")
+        } else {
+            (
+                "classification (one label per image)",
+                "one label per pixel",
+            )
+        };
+        return Err(incompatible(format!(
+            "the network's task is {network}, but the dataset has {dataset}; use a network \
+             with the matching `task`"
+        )));
+    }
+    if segmentation && data.ignore_label() != ignore_label(spec) {
+        return Err(incompatible(format!(
+            "the dataset's ignore label is {:?} but the network's `task` has ignore_label: \
+             {:?}; set ignore_label: {:?} in the network file's `task`",
+            data.ignore_label(),
+            ignore_label(spec),
+            data.ignore_label()
+        )));
+    }
+
+    let shape =
+        |height: usize, width: usize, channels: usize| format!("{height}x{width}x{channels}");
+    let expected = shape(input.height, input.width, input.channels);
+    match data {
+        Data::Memory(dataset) => {
+            for split in [&dataset.train, &dataset.test] {
+                let got = shape(split.height, split.width, split.channels);
+                let fits = match (&pipeline.train, &pipeline.eval) {
+                    (Augment::RandomCrop { size }, _) | (_, EvalView::Tiles { size }) => {
+                        split.height >= *size && split.width >= *size
+                    }
+                    (Augment::RandomResizedCrop { .. }, _) => true,
+                    _ => split.height == input.height && split.width == input.width,
+                };
+                if !fits || split.channels != input.channels {
+                    return Err(TrainError::InputShape { got, expected });
+                }
+            }
+        }
+        // The prefetcher decodes every image to RGB.
+        Data::Files(_) if input.channels != 3 => {
+            return Err(TrainError::InputShape {
+                got: "RGB images (3 channels)".into(),
+                expected,
+            });
+        }
+        Data::Files(_) => {}
+    }
+    Ok(())
 }

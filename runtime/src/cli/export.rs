@@ -1,0 +1,116 @@
+//! `ldnc export`: write a checkpoint's evaluation program, frozen with batch
+//! norms folded into convs, and the tensors it reads, to one safetensors file
+//! that `ldnc eval` takes in place of the checkpoint.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ldnc_ir::op::Role;
+use ldnc_ir::spec::NetSpec;
+use ldnc_runtime::checkpoint;
+use ldnc_runtime::export;
+use ldnc_runtime::freeze::freeze;
+use ldnc_runtime::kernels::KernelSet;
+use ldnc_runtime::store::Store;
+
+use super::compile::{compile, CompileOptions};
+use super::plural;
+use super::train::checkpoint_file;
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A checkpoint written by `ldnc train` (a file, or the run folder).
+    pub checkpoint: PathBuf,
+    /// File to write (safetensors), for example `model.safetensors`.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Export the unfused evaluation program, whose batch norms are not folded.
+    #[arg(long)]
+    pub no_fuse: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &ExportArgs) -> Result<()> {
+    let path = checkpoint_file(&args.checkpoint)?;
+    if export::is_export(&path) {
+        bail!(
+            "{} is already an export; pass the checkpoint that `ldnc train` wrote",
+            path.display()
+        );
+    }
+    let same_file = args
+        .out
+        .canonicalize()
+        .is_ok_and(|out| path.canonicalize().is_ok_and(|source| source == out));
+    if same_file {
+        bail!(
+            "--out {} is the checkpoint itself; choose another file name",
+            args.out.display()
+        );
+    }
+    let (tensors, meta) = checkpoint::load(&path)?;
+    let spec: NetSpec = serde_json::from_str(&meta.spec_json)
+        .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
+    let options = CompileOptions {
+        fuse: !args.no_fuse,
+        ..CompileOptions::default()
+    };
+    let net = compile(&spec, options)?;
+    let mut store = Store::init(&[&net.train, &net.eval], 0);
+    checkpoint::restore(&path, &mut store, tensors)?;
+    let frozen = freeze(&net.eval, &store, KernelSet::Fast)
+        .with_context(|| format!("cannot freeze the evaluation program of {}", spec.name))?;
+    export::save(&args.out, &spec, &frozen, meta.epoch)?;
+
+    let tensors = frozen.store.entries.len();
+    let scalars: usize = frozen.store.entries.values().map(|e| e.data.len()).sum();
+    let parameters: usize = frozen
+        .store
+        .entries
+        .values()
+        .filter(|e| e.role == Role::Param)
+        .map(|e| e.data.len())
+        .sum();
+    let bytes = std::fs::metadata(&args.out)
+        .map(|m| m.len())
+        .with_context(|| format!("cannot read back {}", args.out.display()))?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        let result = serde_json::json!({
+            "checkpoint": path.display().to_string(),
+            "export": args.out.display().to_string(),
+            "network": spec.name,
+            "epoch": meta.epoch,
+            "fused": !args.no_fuse,
+            "tensors": tensors,
+            "scalars": scalars,
+            "parameters": parameters,
+            "precomputed": frozen.precomputed,
+            "steps": frozen.program.steps.len(),
+            "bytes": bytes,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "exported {} (epoch {}) to {}: {}, {} scalars, {:.1} MiB",
+        spec.name,
+        meta.epoch,
+        args.out.display(),
+        plural(tensors, "tensor"),
+        scalars,
+        bytes as f64 / (1024.0 * 1024.0)
+    )?;
+    writeln!(
+        out,
+        "  {} computed once from parameters (folded batch norms), {} per batch",
+        plural(frozen.precomputed.len(), "tensor"),
+        plural(frozen.program.steps.len(), "step"),
+    )?;
+    Ok(())
+}
