@@ -38,20 +38,26 @@ use ldnc_ir::op::Op;
 use super::lang::FuseGraph;
 use super::rules::{add, fits, nodes, parts, Fusion, Match};
 
-/// `(c, s, a)` of every `BnApply { eps }` node in `class`.
-fn bn_applies(egraph: &FuseGraph, class: Id, eps: f32) -> Vec<[Id; 3]> {
-    nodes(egraph, class)
-        .filter(|(op, _)| matches!(op, Op::BnApply { eps: e } if *e == eps))
-        .map(|(_, children)| [children[0], children[1], children[2]])
-        .collect()
-}
-
-/// `(b, dz)` of every `ReluBackward` node in `class`.
-fn relu_backwards(egraph: &FuseGraph, class: Id) -> Vec<[Id; 2]> {
-    nodes(egraph, class)
-        .filter(|(op, _)| matches!(op, Op::ReluBackward))
-        .map(|(_, children)| [children[0], children[1]])
-        .collect()
+/// Finds `(a, dz)` for every `ReluBackward(BnApply { eps }(c, s, a), dz)` node
+/// in `class`, comparing `c` and `s` by e-class. The backward rules use it to
+/// check that the ReLU mask comes from the batch norm that they replace.
+fn relu_backwards_of_bn(egraph: &FuseGraph, class: Id, c: Id, s: Id, eps: f32) -> Vec<[Id; 2]> {
+    let (c, s) = (egraph.find(c), egraph.find(s));
+    let mut found = Vec::new();
+    for (relu, r) in nodes(egraph, class) {
+        if !matches!(relu, Op::ReluBackward) {
+            continue;
+        }
+        for (bn, b) in nodes(egraph, r[0]) {
+            let Op::BnApply { eps: e } = *bn else {
+                continue;
+            };
+            if e == eps && egraph.find(b[0]) == c && egraph.find(b[1]) == s {
+                found.push([b[2], r[1]]);
+            }
+        }
+    }
+    found
 }
 
 /// Keeps the first match whose op fits `class`.
@@ -113,11 +119,8 @@ impl Fusion for BnReluBackward {
                 continue;
             };
             let [c, s, a, dr] = [children[0], children[1], children[2], children[3]];
-            for [b, dz] in relu_backwards(egraph, dr) {
-                let same = bn_applies(egraph, b, eps)
-                    .into_iter()
-                    .any(|bn| bn.map(|id| egraph.find(id)) == [c, s, a].map(|id| egraph.find(id)));
-                if same {
+            for [bn_a, dz] in relu_backwards_of_bn(egraph, dr, c, s, eps) {
+                if egraph.find(bn_a) == egraph.find(a) {
                     candidates.push(Match {
                         op: Op::BnReluBackward { eps },
                         operands: fused_operands(egraph, c, s, a, dz),
@@ -140,18 +143,14 @@ impl Fusion for BnReluAffineGrad {
                 continue;
             };
             let [c, s, dr] = [children[0], children[1], children[2]];
-            for [b, dz] in relu_backwards(egraph, dr) {
-                // The affine parameters are not an operand of the affine
-                // gradient, so they come from the BN apply the ReLU reads.
-                for [bc, bs, a] in bn_applies(egraph, b, eps) {
-                    if egraph.find(bc) == egraph.find(c) && egraph.find(bs) == egraph.find(s) {
-                        candidates.push(Match {
-                            op: Op::BnReluAffineGrad { eps },
-                            operands: fused_operands(egraph, c, s, a, dz),
-                            inner: None,
-                        });
-                    }
-                }
+            // The affine parameters are not an operand of the affine
+            // gradient, so they come from the BN apply the ReLU reads.
+            for [a, dz] in relu_backwards_of_bn(egraph, dr, c, s, eps) {
+                candidates.push(Match {
+                    op: Op::BnReluAffineGrad { eps },
+                    operands: fused_operands(egraph, c, s, a, dz),
+                    inner: None,
+                });
             }
         }
         first_fit(egraph, class, candidates)
