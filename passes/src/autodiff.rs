@@ -157,7 +157,7 @@ fn needs_gradient(g: &Graph) -> Vec<bool> {
         let op = &g.node(id).op;
         needs[id.index()] = match op {
             Op::Param { .. } => true,
-            Op::DropoutMask { .. } | Op::BnStats | Op::ConcatStats => false,
+            Op::DropoutMask { .. } | Op::BnStats => false,
             _ if op.role() != Role::Compute => false,
             _ => g.inputs(id).iter().any(|v| needs[v.index()]),
         };
