@@ -185,9 +185,7 @@ impl Window {
 /// Lowers the ops listed for this module in [`super`].
 pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<LoweredStep> {
     let launch = match *op {
-        Op::AvgPool { k, stride, pad } => {
-            avg_pool(Window::new(op, inputs[0], out, (k, stride, pad))?, out)?
-        }
+        Op::AvgPool { k, stride, pad } => avg_pool(op, (inputs[0], out), (k, stride, pad))?,
         Op::MaxPool { k, stride, pad } => {
             max_pool(Window::new(op, inputs[0], out, (k, stride, pad))?, out)?
         }
@@ -207,26 +205,21 @@ pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<Lowere
     Ok(LoweredStep::single(launch))
 }
 
-fn avg_pool(w: Window, out: &TensorType) -> Result<super::Launch> {
+fn avg_pool(
+    op: &Op,
+    (big, out): (&TensorType, &TensorType),
+    window: (usize, usize, usize),
+) -> Result<super::Launch> {
+    let (k, stride, pad) = window;
+    let (_, _, c) = hwc(op, big)?;
     let mut l = Lowering::new("avg_pool", THREADS);
     l.doc(format!(
-        "{k}x{k} average pooling, stride {s}, padding {p}, dividing by the in-bounds taps. One \
-         thread per output element.",
-        k = w.k,
-        s = w.stride,
-        p = w.pad
+        "{k}x{k} average pooling, stride {stride}, padding {pad}, dividing by the in-bounds \
+         taps. One thread per output element."
     ));
     let x = l.operand("x", 0);
-    let y = l.result("y");
-    let n = l.batch();
-    l.per_element(numel(out, &n), |b, i| {
-        let [img, sy, sx, ch] = w.split(b, &i, w.sh, w.sw);
-        let acc = b.let_("acc", 0.0f32);
-        w.for_taps(b, &sy, &sx, |b, by, bx| {
-            b.assign(&acc, &acc + x.load(w.big_index(&img, &by, &bx, &ch)));
-        });
-        b.store(y.mem(), &i, acc / w.tap_count(&sy, &sx).to_f32());
-    });
+    let tap = |_: &mut KernelBuilder, pixel: &Expr, ch: &Expr| x.load(pixel * int(c) + ch);
+    emit_avg_pool(&mut l, op, (big, out), window, &tap)?;
     l.finish()
 }
 
