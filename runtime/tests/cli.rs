@@ -417,6 +417,23 @@ fn train_tiny_run(dir: &Path) -> String {
     data
 }
 
+/// Runs `ldnc train` on the small quick-start network in `dir` with
+/// `--resume run` and the extra `flags`, as after [`train_tiny_run`].
+fn resume_tiny_run(dir: &Path, data: &str, flags: &[&str]) -> Output {
+    let net = repo().join("examples/quickstart.ron");
+    let mut args = vec![
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        data,
+        "--resume",
+        "run",
+    ];
+    args.extend(SMALL);
+    args.extend(flags);
+    ldnc(&args, dir)
+}
+
 #[test]
 fn damaged_checkpoint_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
@@ -436,22 +453,8 @@ fn damaged_checkpoint_is_rejected() {
     assert!(err.contains("checkpoint.safetensors is damaged"), "{err}");
     assert!(err.contains("retrain"), "{err}");
 
-    let net = repo().join("examples/quickstart.ron");
-    let mut args = vec![
-        "train",
-        net.to_str().unwrap(),
-        "--data",
-        &data,
-        "--epochs",
-        "2",
-        "--batch",
-        "16",
-        "--resume",
-        "run",
-        "-q",
-    ];
-    args.extend(SMALL);
-    let out = ldnc(&args, dir.path());
+    let flags = ["--epochs", "2", "--batch", "16", "-q"];
+    let out = resume_tiny_run(dir.path(), &data, &flags);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("checkpoint.safetensors is damaged"), "{err}");
@@ -496,24 +499,14 @@ fn zero_counts_rejected_before_output() {
 fn resuming_finished_run_says_how() {
     let dir = tempfile::tempdir().unwrap();
     let data = train_tiny_run(dir.path());
-    let net = repo().join("examples/quickstart.ron");
-    let mut args = vec![
-        "train",
-        net.to_str().unwrap(),
-        "--data",
-        &data,
-        "--resume",
-        "run",
-    ];
-    args.extend(SMALL);
 
-    let out = ldnc(&[&args[..], &["--epochs", "1"]].concat(), dir.path());
+    let out = resume_tiny_run(dir.path(), &data, &["--epochs", "1"]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("has already completed 1 epoch ("), "{err}");
     assert!(err.contains("--epochs M with M larger than 1"), "{err}");
 
-    let out = ldnc(&args, dir.path());
+    let out = resume_tiny_run(dir.path(), &data, &[]);
     assert!(!out.status.success(), "{}", stdout(&out));
     assert!(
         stderr(&out).contains("completed 1 epoch"),
@@ -528,32 +521,20 @@ fn resuming_finished_run_says_how() {
 fn resume_rejects_changed_settings() {
     let dir = tempfile::tempdir().unwrap();
     let data = train_tiny_run(dir.path());
-    let net = repo().join("examples/quickstart.ron");
-    let mut args = vec![
-        "train",
-        net.to_str().unwrap(),
-        "--data",
-        &data,
-        "--epochs",
-        "2",
-        "--resume",
-        "run",
-        "-q",
-    ];
-    args.extend(SMALL);
+    let resume = |flags: &[&str]| {
+        let flags = [&["--epochs", "2", "-q"][..], flags].concat();
+        resume_tiny_run(dir.path(), &data, &flags)
+    };
 
-    let out = ldnc(&[&args[..], &["--batch", "8"]].concat(), dir.path());
+    let out = resume(&["--batch", "8"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--batch differs"), "{}", stderr(&out));
-    let out = ldnc(
-        &[&args[..], &["--schedule", "constant"]].concat(),
-        dir.path(),
-    );
+    let out = resume(&["--schedule", "constant"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--schedule or --lr-decay differs"));
 
     // Repeating the saved batch size is allowed.
-    let out = ldnc(&[&args[..], &["--batch", "16"]].concat(), dir.path());
+    let out = resume(&["--batch", "16"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -562,22 +543,12 @@ fn resume_takes_quiet_from_command_line() {
     let dir = tempfile::tempdir().unwrap();
     // The first run is quiet, so its stored configuration hides progress.
     let data = train_tiny_run(dir.path());
-    let net = repo().join("examples/quickstart.ron");
-    let mut args = vec![
-        "train",
-        net.to_str().unwrap(),
-        "--data",
-        &data,
-        "--resume",
-        "run",
-    ];
-    args.extend(SMALL);
 
-    let out = ldnc(&[&args[..], &["--epochs", "2"]].concat(), dir.path());
+    let out = resume_tiny_run(dir.path(), &data, &["--epochs", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("epoch   2/2"), "{}", stdout(&out));
 
-    let out = ldnc(&[&args[..], &["--epochs", "3", "-q"]].concat(), dir.path());
+    let out = resume_tiny_run(dir.path(), &data, &["--epochs", "3", "-q"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stdout(&out).contains("epoch   3/3"), "{}", stdout(&out));
     assert!(
