@@ -6,34 +6,14 @@
 //! pool's backward, then `BnReluBackward` and `BnReluAffineGrad` through the
 //! batch statistics) must match central differences of the reference forward.
 
+mod common;
+
+use common::{run, values};
 use ldnc_ir::{Op, TensorType};
-use ldnc_runtime::kernels::{Ctx, In, KernelSet};
+use ldnc_runtime::kernels::KernelSet;
 use proptest::prelude::*;
 
 const EPS: f32 = 1e-5;
-
-/// Values in `[-1, 1)` from an xorshift generator seeded with `seed`.
-fn values(seed: u64, len: usize) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-fn run(set: KernelSet, op: &Op, inputs: &[(&[f32], &TensorType)], n: usize) -> Vec<f32> {
-    let types: Vec<&TensorType> = inputs.iter().map(|x| x.1).collect();
-    let out_ty = op.infer(&types).expect("the operands fit the op");
-    let operands: Vec<In> = inputs.iter().map(|&(data, ty)| In { data, ty }).collect();
-    let mut out = vec![f32::NAN; out_ty.numel(n)];
-    set.compute(op, &operands, &mut out, &out_ty, &Ctx { n, seed: 5 })
-        .unwrap_or_else(|e| panic!("{} failed: {e}", op.name()));
-    out
-}
 
 fn reference(op: &Op, inputs: &[(&[f32], &TensorType)], n: usize) -> Vec<f32> {
     run(KernelSet::Reference, op, inputs, n)
