@@ -230,6 +230,18 @@ fn built_executable_trains_evaluates_and_inspects() {
     let from_ldnc = json(&run_ok(Path::new(LDNC), &eval_args, work.path()));
     assert_eq!(from_exe, from_ldnc);
 
+    // An export from the executable evaluates like the checkpoint.
+    run_ok(
+        &exe,
+        &["export", "run", "--out", "model.safetensors"],
+        work.path(),
+    );
+    let export_args = ["eval", "model.safetensors", "--data", tiny, "--json"];
+    let exported = json(&run_ok(Path::new(LDNC), &export_args, work.path()));
+    assert_eq!(exported["program"], "export");
+    assert_eq!(exported["loss"], from_exe["loss"]);
+    assert_eq!(exported["top1_accuracy"], from_exe["top1_accuracy"]);
+
     let from_exe = stdout(&run_ok(&exe, &["inspect", "--json"], work.path()));
     let net = quickstart();
     let inspect_args = ["inspect", "--json", net.to_str().expect("UTF-8 path")];

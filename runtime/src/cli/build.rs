@@ -28,6 +28,7 @@ use ldnc_passes::fuse::FuseReport;
 use ldnc_passes::{memory, pipeline};
 
 use super::compile::{compile_with_report, CompileOptions};
+use super::export::{self, ExportArgs};
 use super::inspect::{self, InspectOptions};
 use super::train::{self, EvalArgs, NetSource, TrainOptions};
 use crate::payload::{self, CudaModule, Payload, Target, PAYLOAD_FORMAT_VERSION};
@@ -640,8 +641,10 @@ enum CompiledCommand {
     Inspect(InspectOptions),
     /// Train the network on a dataset.
     Train(TrainOptions),
-    /// Evaluate a checkpoint of the network on a dataset's test split.
+    /// Evaluate a checkpoint of the network, or an export, on a dataset's test split.
     Eval(EvalArgs),
+    /// Write a checkpoint's evaluation program, with batch norms folded into convs, and its tensors to one file.
+    Export(ExportArgs),
 }
 
 impl CompiledCli {
@@ -688,5 +691,6 @@ pub fn run_compiled(cli: CompiledCli, exe: &Path, payload: &Payload) -> Result<(
             train::train_network(&source, &options, cli.quiet)
         }
         CompiledCommand::Eval(args) => train::evaluate(&args, Some((exe, net))),
+        CompiledCommand::Export(args) => export::export(&args, Some((exe, net))),
     }
 }

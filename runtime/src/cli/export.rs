@@ -3,11 +3,12 @@
 //! that `ldnc eval` takes in place of the checkpoint.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ldnc_ir::op::Role;
+use ldnc_ir::program::CompiledNet;
 use ldnc_ir::spec::NetSpec;
 use ldnc_runtime::checkpoint;
 use ldnc_runtime::export;
@@ -35,6 +36,12 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
+    export(args, None)
+}
+
+/// Exports a checkpoint. A compiled network executable passes its path and
+/// programs as `embedded`, and the checkpoint must come from that network.
+pub fn export(args: &ExportArgs, embedded: Option<(&Path, &CompiledNet)>) -> Result<()> {
     let path = checkpoint_file(&args.checkpoint)?;
     if export::is_export(&path) {
         bail!(
@@ -59,7 +66,18 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         fuse: !args.no_fuse,
         ..CompileOptions::default()
     };
-    let net = compile(&spec, options)?;
+    let net = match embedded {
+        Some((exe, compiled)) if compiled.spec != spec => bail!(
+            "{} was trained with a different network than the `{}` compiled into {} (its spec \
+             names `{}`); export it with `ldnc export` or with the executable that trained it",
+            path.display(),
+            compiled.spec.name,
+            exe.display(),
+            spec.name
+        ),
+        Some((_, compiled)) if !args.no_fuse => compiled.clone(),
+        _ => compile(&spec, options)?,
+    };
     let mut store = Store::init(&[&net.train, &net.eval], 0);
     checkpoint::restore(&path, &mut store, tensors)?;
     let frozen = freeze(&net.eval, &store, KernelSet::Fast)
