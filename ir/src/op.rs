@@ -223,6 +223,16 @@ pub enum Op {
     BnReluBackward {
         eps: f32,
     },
+    /// Channels `start .. start + c` of `BnReluBackward`, operands
+    /// `(x_j, .., x_k, stats, affine, dz)`: the gradient with respect to a run
+    /// of consecutive inputs whose `c` channels start at channel `start` of
+    /// the concatenation. `stats`, `affine` and `dz` cover the whole
+    /// concatenation. Batch norm is per channel, so this reads no other
+    /// input and never writes the gradient of the whole concatenation.
+    BnReluBackwardPart {
+        eps: f32,
+        start: usize,
+    },
     /// Gradient of the batch-norm affine parameters inside `relu(bn(concat(x)))`,
     /// operands `(x_1, .., x_m, stats, affine, dz)`.
     BnReluAffineGrad {
@@ -357,6 +367,45 @@ fn fused_inputs(t: &[&TensorType], trailing: usize) -> Result<(usize, usize, usi
     Ok((xs[0].dims[0], xs[0].dims[1], c))
 }
 
+/// Checks the operands `(x_j, .., x_k, stats, affine, dz)` of
+/// `BnReluBackwardPart` and returns its output type: the inputs' pixels with
+/// their `c` channels, which must fit within the `C` channels of `dz` from
+/// channel `start` on.
+fn backward_part(t: &[&TensorType], start: usize) -> Result<TensorType, String> {
+    if t.len() < 4 {
+        return Err(format!("expected at least 4 operands, got {}", t.len()));
+    }
+    let dz = t[t.len() - 1];
+    expect_rank(dz, 3, "gradient")?;
+    if !dz.batched {
+        return Err(format!("gradient {dz} has no batch dimension"));
+    }
+    let width = dz.dims[2];
+    let mut c = 0;
+    for x in &t[..t.len() - 3] {
+        expect_rank(x, 3, "input")?;
+        if !x.batched || x.dims[..2] != dz.dims[..2] {
+            return Err(format!(
+                "input {x} differs in spatial size from gradient {dz}"
+            ));
+        }
+        c += x.dims[2];
+    }
+    if start + c > width {
+        return Err(format!(
+            "channels {start}..{} out of range for gradient {dz}",
+            start + c
+        ));
+    }
+    for (i, what) in [(3, "statistics"), (2, "affine")] {
+        let ty = t[t.len() - i];
+        if ty.batched || ty.dims != [2, width] {
+            return Err(format!("{what} {ty} must be [2, {width}]"));
+        }
+    }
+    Ok(TensorType::batched(&[dz.dims[0], dz.dims[1], c]))
+}
+
 /// Checks the operands of a softmax cross-entropy or its gradient: logits
 /// `[.., K]`, labels of the logits' shape without `K`, and, when `weighted`,
 /// unbatched `[K]` class weights.
@@ -457,6 +506,7 @@ impl Op {
             Op::BnReluConv { .. } => "bn_relu_conv",
             Op::BnReluConvBackwardFilter { .. } => "bn_relu_conv_backward_filter",
             Op::BnReluBackward { .. } => "bn_relu_backward",
+            Op::BnReluBackwardPart { .. } => "bn_relu_backward_part",
             Op::BnReluAffineGrad { .. } => "bn_relu_affine_grad",
             Op::BnReluGlobalAvgPool { .. } => "bn_relu_global_avg_pool",
             Op::BnReluAvgPool { .. } => "bn_relu_avg_pool",
@@ -713,6 +763,7 @@ impl Op {
                 let (h, w, c) = fused_inputs(t, 3)?;
                 Ok(TensorType::batched(&[h, w, c]))
             }
+            Op::BnReluBackwardPart { start, .. } => backward_part(t, *start),
             Op::BnReluAffineGrad { .. } => {
                 let (_, _, c) = fused_inputs(t, 3)?;
                 Ok(TensorType::fixed(&[2, c]))

@@ -517,6 +517,21 @@ proptest! {
         let mut operands = fused_operands(&parts, (n, h, w), seed);
         operands.push(dz());
         check(&Op::BnReluAffineGrad { eps }, &operands, n, seed, FUSED_TOL)?;
+
+        // Every run of consecutive inputs, reading its columns of the
+        // statistics, affine parameters and dz of the whole concatenation.
+        let m = parts.len();
+        let all = fused_operands(&parts, (n, h, w), seed);
+        for first in 0..m {
+            for end in first + 1..=m {
+                let start = parts[..first].iter().sum();
+                let mut operands = all[first..end].to_vec();
+                operands.extend_from_slice(&all[m..]);
+                operands.push(dz());
+                let op = Op::BnReluBackwardPart { eps, start };
+                check(&op, &operands, n, seed, FUSED_TOL)?;
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 use ldnc_ir::{Op, TensorType};
 use ldnc_runtime::kernels::{Ctx, In, KernelError, KernelSet};
 use proptest::prelude::*;
+use std::ops::Range;
 
 const EPS: f32 = 1e-5;
 
@@ -182,6 +183,7 @@ fn layers(
 }
 
 /// The operand values of one layer.
+#[derive(Clone)]
 struct Values {
     xs: Vec<Vec<f32>>,
     stats: Vec<f32>,
@@ -345,6 +347,62 @@ fn fused_cases<'a>(
     ]
 }
 
+/// Lists every run of consecutive inputs of `layer` as a range of input
+/// indices.
+fn input_runs(layer: &Layer) -> Vec<Range<usize>> {
+    let m = layer.channels.len();
+    (0..m)
+        .flat_map(|first| (first + 1..=m).map(move |end| first..end))
+        .collect()
+}
+
+/// `BnReluBackwardPart` for the inputs `run` of `layer`, with its operands
+/// and the `Slice` of the concatenation's gradient that it computes.
+fn part_case<'a>(
+    layer: &Layer,
+    types: &'a Operands,
+    v: &'a Values,
+    run: Range<usize>,
+) -> (Op, Op, Vec<Operand<'a>>) {
+    let start = layer.channels[..run.start].iter().sum();
+    let len = layer.channels[run.clone()].iter().sum();
+    let mut operands: Vec<Operand> = run
+        .map(|i| (v.xs[i].as_slice(), &types.inputs[i]))
+        .collect();
+    operands.push((&v.stats, &types.rows));
+    operands.push((&v.affine, &types.rows));
+    operands.push((&v.dz, &types.concat));
+    let part = Op::BnReluBackwardPart { eps: EPS, start };
+    (part, Op::Slice { start, len }, operands)
+}
+
+/// Checks every `BnReluBackwardPart` of `layer` in both sets against the
+/// slice of that set's `BnReluBackward`, which must give the same bits
+/// because each channel's sums run in the same order, and the fast set
+/// against the reference set.
+fn check_parts(layer: &Layer, v: &Values) {
+    let types = Operands::new(layer);
+    let wide = types.fused(v, (&v.dz, &types.concat));
+    for run in input_runs(layer) {
+        let (part, slice, operands) = part_case(layer, &types, v, run.clone());
+        let mut outputs = Vec::new();
+        for set in [KernelSet::Reference, KernelSet::Fast] {
+            let dx = run_set(set, &Op::BnReluBackward { eps: EPS }, &wide, layer.n);
+            let want = run_set(set, &slice, &[(&dx, &types.concat)], layer.n);
+            let got = run_set(set, &part, &operands, layer.n);
+            assert_eq!(got, want, "inputs {run:?} in {set:?}");
+            outputs.push(got);
+        }
+        let what = format!("inputs {run:?}");
+        assert_close(&outputs[1], &outputs[0], 1e-4, &what);
+    }
+}
+
+/// Runs `op` in `set`, which must accept the operands.
+fn run_set(set: KernelSet, op: &Op, inputs: &[Operand], n: usize) -> Vec<f32> {
+    run(set, op, inputs, n).unwrap_or_else(|e| panic!("{} in {set:?}: {e}", op.name()))
+}
+
 /// Computes fused op `op` with the unfused reference ops it replaces.
 fn unfused(layer: &Layer, types: &Operands, v: &Values, op: &Op) -> Vec<f32> {
     let n = layer.n;
@@ -431,6 +489,11 @@ proptest! {
     }
 
     #[test]
+    fn backward_part_is_slice_of_backward(layer in layers(4, 7, 4, 7, 1), seed in any::<u64>()) {
+        check_parts(&layer, &draw(&layer, seed));
+    }
+
+    #[test]
     fn fused_matches_unfused(layer in layers(4, 7, 4, 7, 6), seed in any::<u64>()) {
         let v = draw(&layer, seed);
         let types = Operands::new(&layer);
@@ -480,6 +543,9 @@ fn fast_matches_reference_over_many_blocks() {
     };
     for (seed, layer) in [base, pointwise, strided].into_iter().enumerate() {
         let v = draw(&layer, seed as u64);
+        if seed == 0 {
+            check_parts(&layer, &v);
+        }
         let types = Operands::new(&layer);
         for (op, operands) in fused_cases(&layer, &types, &v) {
             let fast = run(KernelSet::Fast, &op, &operands, layer.n).expect("fast kernel runs");
@@ -606,7 +672,8 @@ fn coordinates(seed: u64, len: usize, count: usize) -> Vec<usize> {
 
 /// Computes the gradients `(d concat(x), dw, d affine)` of
 /// `sum(out * upstream)` for `out = BnReluConv(x, stats, affine, w)`, with
-/// the ops that the autodiff rule of `BnReluConv` emits.
+/// the ops that the fusion pass emits: `d concat(x)` is the concatenation of
+/// one `BnReluBackwardPart` per input, which must equal `BnReluBackward`.
 fn gradients(layer: &Layer, v: &Values, upstream: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let types = Operands::new(layer);
     let n = layer.n;
@@ -625,6 +692,17 @@ fn gradients(layer: &Layer, v: &Values, upstream: &[f32]) -> (Vec<f32>, Vec<f32>
         &types.fused(v, (&dz, &types.concat)),
         n,
     );
+    let with_dz = Values {
+        dz: dz.clone(),
+        ..v.clone()
+    };
+    let parts: Vec<Vec<f32>> = (0..layer.channels.len())
+        .map(|i| {
+            let (part, _, operands) = part_case(layer, &types, &with_dz, i..i + 1);
+            reference(&part, &operands, n)
+        })
+        .collect();
+    assert_eq!(concat(layer, &parts), dx, "the parts of the input gradient");
     let daffine = reference(
         &Op::BnReluAffineGrad { eps: EPS },
         &types.fused(v, (&dz, &types.concat)),

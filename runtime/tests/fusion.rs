@@ -256,6 +256,14 @@ fn backward_reads_no_chain_values() {
             .filter(|step| matches!(step.op, Op::ReluBackward))
             .count();
         assert_eq!(masks, 0, "{case}");
+        // Each input's gradient is computed on its own, never sliced out of
+        // the gradient of a whole concatenation.
+        for step in &program.steps {
+            if let Op::Slice { .. } = step.op {
+                let read = writer[step.inputs[0]].map(|op| op.name());
+                assert_ne!(read, Some("bn_relu_backward"), "{case}");
+            }
+        }
         let fused_backward = program
             .steps
             .iter()
@@ -294,7 +302,9 @@ fn running_statistics_update_once_per_step() {
     for step in &program.steps {
         if matches!(
             step.op,
-            Op::BnReluBackward { .. } | Op::BnReluConvBackwardFilter { .. }
+            Op::BnReluBackward { .. }
+                | Op::BnReluBackwardPart { .. }
+                | Op::BnReluConvBackwardFilter { .. }
         ) {
             for &i in &step.inputs {
                 assert_ne!(program.values[i].role, ldnc_ir::Role::State);

@@ -265,6 +265,19 @@ fn sample_ops() -> Vec<(Op, Vec<TensorType>)> {
             ],
         ),
         (
+            // The gradient of `part`, channels 3..5 of the concatenation.
+            Op::BnReluBackwardPart {
+                eps: 1e-5,
+                start: 3,
+            },
+            vec![
+                part.clone(),
+                fused_stats.clone(),
+                fused_stats.clone(),
+                concat.clone(),
+            ],
+        ),
+        (
             Op::BnReluGlobalAvgPool { eps: 1e-5 },
             vec![
                 img.clone(),
@@ -360,6 +373,7 @@ fn samples_cover_every_lowering() {
         "bn_relu_conv",
         "bn_relu_conv_backward_filter",
         "bn_relu_backward",
+        "bn_relu_backward_part",
         "bn_relu_affine_grad",
     ] {
         assert!(
@@ -699,6 +713,7 @@ fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Ve
         Op::BnReluConv { .. }
             | Op::BnReluConvBackwardFilter { .. }
             | Op::BnReluBackward { .. }
+            | Op::BnReluBackwardPart { .. }
             | Op::BnReluAffineGrad { .. }
     );
     // The fused ops take their statistics after the inputs x_1 .. x_m, as

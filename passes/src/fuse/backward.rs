@@ -11,6 +11,13 @@
 //!   `BnReluBackward(x_1 .. x_m, s, a, dz)`, so the ReLU mask is applied inside
 //!   the BN backward. The slices that autodiff takes of the concatenation's
 //!   gradient then read the fused gradient.
+//! - `bn-relu-backward-part`: `Slice { start, len }(BnReluBackward(x_1 .. x_m, s, a, dz))`,
+//!   where channels `start .. start + len` are exactly those of a run of
+//!   consecutive inputs `x_j .. x_k`, becomes
+//!   `BnReluBackwardPart { start }(x_j .. x_k, s, a, dz)`. Batch norm is per
+//!   channel, so those channels' gradient needs only their inputs and
+//!   columns, and once every slice takes this form the gradient of the whole
+//!   concatenation is neither written nor copied.
 //! - `bn-relu-affine-grad`: `BnAffineGrad(c, s, ReluBackward(b, dz))` becomes
 //!   `BnReluAffineGrad(x_1 .. x_m, s, a, dz)`.
 //!
@@ -31,6 +38,8 @@
 //!   `AvgPoolBackward(Conv2dBackwardData(dy, w))`, because the 1x1 data
 //!   gradient mixes channels per pixel and the pool backward is linear per
 //!   channel.
+
+use std::ops::Range;
 
 use egg::Id;
 use ldnc_ir::op::Op;
@@ -131,6 +140,63 @@ impl Fusion for BnReluBackward {
         }
         first_fit(egraph, class, candidates)
     }
+}
+
+pub struct BnReluBackwardPart;
+
+impl Fusion for BnReluBackwardPart {
+    fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {
+        let mut candidates = Vec::new();
+        for (op, children) in nodes(egraph, class) {
+            let Op::Slice { start, len } = *op else {
+                continue;
+            };
+            for (wide, operands) in nodes(egraph, children[0]) {
+                let Op::BnReluBackward { eps } = *wide else {
+                    continue;
+                };
+                let m = operands.len() - 3;
+                if let Some(run) = covering_run(egraph, &operands[..m], start, len) {
+                    let mut part_operands = operands[run].to_vec();
+                    part_operands.extend_from_slice(&operands[m..]);
+                    candidates.push(Match {
+                        op: Op::BnReluBackwardPart { eps, start },
+                        operands: part_operands,
+                        inner: None,
+                    });
+                }
+            }
+        }
+        first_fit(egraph, class, candidates)
+    }
+}
+
+/// Returns the range of `inputs` whose channels are exactly `start .. start + len`
+/// of their concatenation, or `None` when that range cuts an input or is
+/// empty.
+fn covering_run(
+    egraph: &FuseGraph,
+    inputs: &[Id],
+    start: usize,
+    len: usize,
+) -> Option<Range<usize>> {
+    let mut first = None;
+    let mut offset = 0;
+    for (i, &x) in inputs.iter().enumerate() {
+        if offset == start && first.is_none() && len > 0 {
+            first = Some(i);
+        }
+        offset += egraph[x].data.ty.channels();
+        if let Some(j) = first {
+            if offset == start + len {
+                return Some(j..i + 1);
+            }
+            if offset > start + len {
+                return None;
+            }
+        }
+    }
+    None
 }
 
 pub struct BnReluAffineGrad;
@@ -327,9 +393,29 @@ mod tests {
         });
         assert_eq!(convs, 8);
         assert_eq!(filters, convs);
+        // Every slice of a layer's input gradient is computed on its own, so
+        // the gradient of a whole concatenation remains only where a batch
+        // norm reads one input.
+        assert_eq!(count(graph, |op| matches!(op, Op::Slice { .. })), 0);
+        for id in graph.ids() {
+            if matches!(graph.node(id).op, Op::BnReluBackward { .. }) {
+                let operands = graph.inputs(id).len();
+                assert_eq!(
+                    operands,
+                    4,
+                    "{} reads {operands} operands",
+                    graph.node(id).name
+                );
+            }
+        }
+        let slices = count(&training.graph, |op| matches!(op, Op::Slice { .. }));
+        let parts = count(graph, |op| matches!(op, Op::BnReluBackwardPart { .. }));
+        assert!(slices > 0);
+        assert_eq!(parts, slices, "one partial gradient per slice");
         for rule in [
             "bn-relu-conv-filter",
             "bn-relu-backward",
+            "bn-relu-backward-part",
             "bn-relu-affine-grad",
         ] {
             let fired = report.applied.iter().find(|(r, _)| r == rule);
@@ -421,5 +507,101 @@ mod tests {
             let merged = count(&fused.graph, |op| matches!(op, Op::BnReluBackward { .. }));
             assert_eq!(merged, usize::from(same), "same statistics: {same}");
         }
+    }
+
+    /// The gradient `BnBackward(c, s, a, ReluBackward(BnApply(c, s, a), dz))`
+    /// of `c = concat(concat(x1, x2), x3)` with 2, 3 and 1 channels, read by
+    /// one slice per `(start, len)` in `slices`.
+    fn sliced_gradient(slices: &[(usize, usize)]) -> TrainingGraph {
+        let mut g = Graph::new();
+        let mut input = |name: &str, c: usize| {
+            g.add_typed(Op::Image, &[], name, TensorType::batched(&[4, 4, c]))
+        };
+        let (x1, x2, x3, dz) = (
+            input("x1", 2),
+            input("x2", 3),
+            input("x3", 1),
+            input("dz", 6),
+        );
+        let label = g.add_typed(Op::Label, &[], "label", TensorType::batched(&[]));
+        let affine = g.add_typed(
+            Op::Param {
+                init: Init::BnAffine,
+            },
+            &[],
+            "affine",
+            TensorType::fixed(&[2, 6]),
+        );
+        let inner = g.add(Op::Concat, &[x1, x2], "inner").unwrap();
+        let c = g.add(Op::Concat, &[inner, x3], "c").unwrap();
+        let stats = g.add(Op::BnStats, &[c], "stats").unwrap();
+        let eps = 1e-5;
+        let bn = g
+            .add(Op::BnApply { eps }, &[c, stats, affine], "bn")
+            .unwrap();
+        let mask = g.add(Op::ReluBackward, &[bn, dz], "mask").unwrap();
+        let dx = g
+            .add(Op::BnBackward { eps }, &[c, stats, affine, mask], "dx")
+            .unwrap();
+        g.outputs = slices
+            .iter()
+            .map(|&(start, len)| g.add(Op::Slice { start, len }, &[dx], "d").unwrap())
+            .collect();
+        // Fusion keeps the loss, so the wide gradient must not be it.
+        let loss = g.outputs[0];
+        TrainingGraph {
+            graph: g,
+            image: x1,
+            label,
+            loss,
+            logits: Vec::new(),
+            grads: Vec::new(),
+        }
+    }
+
+    /// Channel count of every input of each `BnReluBackwardPart` with its start.
+    fn part_inputs(graph: &Graph) -> Vec<(usize, Vec<usize>)> {
+        graph
+            .ids()
+            .filter_map(|id| match graph.node(id).op {
+                Op::BnReluBackwardPart { start, .. } => {
+                    let inputs = graph.inputs(id);
+                    let xs = &inputs[..inputs.len() - 3];
+                    let channels = xs.iter().map(|&x| graph.node(x).ty.channels());
+                    Some((start, channels.collect()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn slice_of_nested_concat_reads_its_inputs() {
+        let (fused, _) =
+            fuse_training(&sliced_gradient(&[(0, 5), (5, 1)]), &Default::default()).unwrap();
+        let graph = &fused.graph;
+        let mut parts = part_inputs(graph);
+        parts.sort();
+        assert_eq!(parts, [(0, vec![2, 3]), (5, vec![1])]);
+        assert_eq!(count(graph, |op| matches!(op, Op::Slice { .. })), 0);
+        assert_eq!(
+            count(graph, |op| matches!(op, Op::BnReluBackward { .. })),
+            0
+        );
+    }
+
+    #[test]
+    fn slice_that_cuts_an_input_keeps_the_wide_gradient() {
+        // Channels 1..4 cut x1 and x2, so only the slice of x3 is computed
+        // on its own, and the other still reads the wide gradient.
+        let (fused, _) =
+            fuse_training(&sliced_gradient(&[(1, 3), (5, 1)]), &Default::default()).unwrap();
+        let graph = &fused.graph;
+        assert_eq!(part_inputs(graph), [(5, vec![1])]);
+        assert_eq!(count(graph, |op| matches!(op, Op::Slice { .. })), 1);
+        assert_eq!(
+            count(graph, |op| matches!(op, Op::BnReluBackward { .. })),
+            1
+        );
     }
 }

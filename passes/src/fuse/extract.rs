@@ -27,6 +27,11 @@ use crate::{Error, Result};
 /// ReLU backward outputs): a fused op recomputes those from its own operands,
 /// so each reader that does not recompute them pays for writing them.
 ///
+/// A shared class that only `Slice` e-nodes read is the other exception. Each
+/// slice pays the class cost divided by the number of readers, because a
+/// term that computes the slice directly makes the whole class unnecessary
+/// once every slice takes it.
+///
 /// NOTE: the cost ignores how long a value stays live. A shared class also
 /// hides the chain values it reads, so the pooled transition input that the
 /// `pool-conv` and `pool-conv-filter` terms share looks free to both. The
@@ -37,37 +42,58 @@ pub struct Cost<'a> {
     byte_weight: f64,
     shared: HashSet<Id>,
     chain: HashSet<Id>,
+    /// Shared classes that only slices read, with their number of readers.
+    sliced: HashMap<Id, usize>,
 }
 
 impl<'a> Cost<'a> {
     pub fn new(egraph: &'a FuseGraph, byte_weight: f64) -> Cost<'a> {
+        let readers = count_readers(egraph);
+        let shared = readers
+            .iter()
+            .filter(|(_, r)| r.nodes > 1)
+            .map(|(&c, _)| c)
+            .collect();
+        let sliced = readers
+            .iter()
+            .filter(|(_, r)| r.nodes > 1 && r.slices == r.nodes)
+            .map(|(&c, r)| (c, r.nodes))
+            .collect();
         Cost {
             egraph,
             byte_weight,
-            shared: shared_classes(egraph),
+            shared,
             chain: chain_classes(egraph),
+            sliced,
         }
     }
 }
 
-/// Classes that more than one e-node reads.
-fn shared_classes(egraph: &FuseGraph) -> HashSet<Id> {
-    let mut readers: HashMap<Id, usize> = HashMap::new();
+/// The e-nodes that read one class.
+#[derive(Default)]
+struct Readers {
+    nodes: usize,
+    /// How many of them are `Slice` nodes.
+    slices: usize,
+}
+
+/// Counts the e-nodes that read each class.
+fn count_readers(egraph: &FuseGraph) -> HashMap<Id, Readers> {
+    let mut readers: HashMap<Id, Readers> = HashMap::new();
     for class in egraph.classes() {
         for node in &class.nodes {
             if super::fold::is_folded_away(egraph, class.id, node) {
                 continue;
             }
+            let slice = matches!(egraph.analysis.op(node), Some(Op::Slice { .. }));
             for &child in &node.children {
-                *readers.entry(egraph.find(child)).or_default() += 1;
+                let entry = readers.entry(egraph.find(child)).or_default();
+                entry.nodes += 1;
+                entry.slices += usize::from(slice);
             }
         }
     }
     readers
-        .into_iter()
-        .filter(|&(_, n)| n > 1)
-        .map(|(c, _)| c)
-        .collect()
 }
 
 /// Reports whether a fused op can compute `op`'s output while loading its
@@ -110,6 +136,8 @@ impl CostFunction<ENode> for Cost<'_> {
             let class = self.egraph.find(child);
             if self.chain.contains(&class) || !self.shared.contains(&class) {
                 children += costs(child);
+            } else if let Some(&readers) = self.sliced.get(&class) {
+                children += costs(child) / readers as f64;
             }
         }
         let Some(op) = self.egraph.analysis.op(enode) else {

@@ -123,6 +123,12 @@ fn rewrites() -> Vec<Rewrite<ENode, Ops>> {
         )
         .expect("rule names are unique"),
         Rewrite::new(
+            "bn-relu-backward-part",
+            rules::Rule(backward::BnReluBackwardPart),
+            rules::Rule(backward::BnReluBackwardPart),
+        )
+        .expect("rule names are unique"),
+        Rewrite::new(
             "bn-relu-affine-grad",
             rules::Rule(backward::BnReluAffineGrad),
             rules::Rule(backward::BnReluAffineGrad),

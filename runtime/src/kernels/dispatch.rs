@@ -103,6 +103,7 @@ pub(crate) trait Kernels {
         dw: &mut [f32],
     );
     fn bn_relu_backward(&self, input: &BnRelu, dz: &[f32], dx: &mut [f32]);
+    fn bn_relu_backward_part(&self, input: &BnRelu, dz: Columns, dx: &mut [f32]);
     fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]);
     fn bn_relu_global_avg_pool(&self, input: &BnRelu, y: &mut [f32]);
     fn bn_relu_avg_pool(&self, shape: &PoolShape, input: &BnRelu, y: &mut [f32]);
@@ -134,6 +135,16 @@ impl BnRelu<'_> {
     pub fn width(&self) -> usize {
         self.channels.iter().sum()
     }
+}
+
+/// Columns `start .. start + input.width()` of a `[pixels, width]` matrix:
+/// the part of a concatenation's gradient that belongs to the inputs of a
+/// `BnRelu`.
+#[derive(Clone, Copy)]
+pub(crate) struct Columns<'a> {
+    pub data: &'a [f32],
+    pub width: usize,
+    pub start: usize,
 }
 
 /// Returns `Invalid` with `message` unless `ok`.
@@ -392,6 +403,7 @@ pub(crate) fn compute<K: Kernels>(
         | Op::BnReluConv { .. }
         | Op::BnReluConvBackwardFilter { .. }
         | Op::BnReluBackward { .. }
+        | Op::BnReluBackwardPart { .. }
         | Op::BnReluAffineGrad { .. } => compute_fused(set, op, inputs, out, out_ty, n)?,
 
         // Leaves and updates are executed by the executor itself.
@@ -516,6 +528,9 @@ fn compute_fused<K: Kernels>(
                 set.bn_relu_affine_grad(&input, last.data, out);
             }
         }
+        Op::BnReluBackwardPart { eps, start } => {
+            backward_part(set, op, inputs, out, (*eps, *start), n)?
+        }
         _ => {
             return Err(KernelError::Unsupported {
                 op: op.name(),
@@ -523,5 +538,54 @@ fn compute_fused<K: Kernels>(
             })
         }
     }
+    Ok(())
+}
+
+/// Checks the operands `(x_j, .., x_k, stats, affine, dz)` of
+/// `BnReluBackwardPart { eps, start }` and runs its kernel. The kernels get
+/// the statistics and affine parameters of the inputs' channels as `[2, c]`
+/// copies, because the two rows of a channel range are not contiguous in the
+/// `[2, C]` operands.
+fn backward_part<K: Kernels>(
+    set: &K,
+    op: &Op,
+    inputs: &[In],
+    out: &mut [f32],
+    (eps, start): (f32, usize),
+    n: usize,
+) -> Result<(), KernelError> {
+    // `check_operands` ran the shape rule, which requires m >= 1 inputs of
+    // the gradient's spatial size and channels that fit within it.
+    let m = inputs.len() - 3;
+    let dz = &inputs[m + 2];
+    let (h, w, width) = hwc(op, dz.ty)?;
+    let channels: Vec<usize> = inputs[..m].iter().map(|x| x.ty.channels()).collect();
+    let c: usize = channels.iter().sum();
+    require(op, start + c <= width, || {
+        format!("channels {start}..{} out of range for {}", start + c, dz.ty)
+    })?;
+    check_rows(op, inputs[m].ty, width, "statistics")?;
+    check_rows(op, inputs[m + 1].ty, width, "affine")?;
+
+    let window = |rows: &[f32]| -> Vec<f32> {
+        let mean = &rows[start..start + c];
+        let var = &rows[width + start..width + start + c];
+        [mean, var].concat()
+    };
+    let (stats, affine) = (window(inputs[m].data), window(inputs[m + 1].data));
+    let input = BnRelu {
+        parts: inputs[..m].iter().map(|x| x.data).collect(),
+        channels,
+        pixels: n * h * w,
+        stats: &stats,
+        affine: &affine,
+        eps,
+    };
+    let dz = Columns {
+        data: dz.data,
+        width,
+        start,
+    };
+    set.bn_relu_backward_part(&input, dz, out);
     Ok(())
 }

@@ -14,7 +14,7 @@ mod matmul;
 mod norm;
 mod pool;
 
-use super::dispatch::{self, BnRelu, Kernels};
+use super::dispatch::{self, BnRelu, Columns, Kernels};
 use super::layout::{ConvShape, PoolShape};
 use super::reference::elementwise as ew;
 use super::reference::fold as reference_fold;
@@ -247,6 +247,9 @@ impl Kernels for Fast {
     }
     fn bn_relu_backward(&self, input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
         fused::bn_relu_backward(input, dz, dx)
+    }
+    fn bn_relu_backward_part(&self, input: &BnRelu, dz: Columns, dx: &mut [f32]) {
+        fused::bn_relu_backward_part(input, dz, dx)
     }
     fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
         fused::bn_relu_affine_grad(input, dz, grad)

@@ -12,7 +12,7 @@ pub(crate) mod pool;
 
 pub use dense::LossSpec;
 
-use super::dispatch::{self, BnRelu, Kernels};
+use super::dispatch::{self, BnRelu, Columns, Kernels};
 use super::layout::{ConvShape, PoolShape};
 use super::{Ctx, In, KernelError};
 use ldnc_ir::{Op, TensorType};
@@ -193,6 +193,9 @@ impl Kernels for Reference {
     }
     fn bn_relu_backward(&self, input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
         fused::bn_relu_backward(input, dz, dx)
+    }
+    fn bn_relu_backward_part(&self, input: &BnRelu, dz: Columns, dx: &mut [f32]) {
+        fused::bn_relu_backward_part(input, dz, dx)
     }
     fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
         fused::bn_relu_affine_grad(input, dz, grad)

@@ -26,7 +26,7 @@
 //! - [`fused`]: the fused ops of the fusion pass, `ConcatStats`,
 //!   `BnReluConv`, `BnReluConvBackwardFilter` (the conv template with an A
 //!   loader that normalises and rectifies), `BnReluGlobalAvgPool`,
-//!   `BnReluAvgPool`, `BnReluBackward` and
+//!   `BnReluAvgPool`, `BnReluBackward`, `BnReluBackwardPart` and
 //!   `BnReluAffineGrad` (the batch-norm gradients with a recomputed ReLU
 //!   mask). Each reads every input of the concatenation from its own buffer
 //!   and never writes the concatenation. `BnReluConvBias` is `BnReluConv`
@@ -295,6 +295,7 @@ pub fn lower_step(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<L
         | Op::BnReluAvgPool { .. }
         | Op::BnReluConvBackwardFilter { .. }
         | Op::BnReluBackward { .. }
+        | Op::BnReluBackwardPart { .. }
         | Op::BnReluAffineGrad { .. } => fused::lower(op, inputs, out),
         Op::BnFoldWeight { .. } | Op::BnFoldBias { .. } => fold::lower(op, inputs, out),
     }

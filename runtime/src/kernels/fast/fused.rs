@@ -26,7 +26,7 @@
 //! given thread count.
 
 use super::conv::{self, BigSide};
-use crate::kernels::dispatch::BnRelu;
+use crate::kernels::dispatch::{BnRelu, Columns};
 use crate::kernels::layout::{ConvShape, PoolShape};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -245,18 +245,20 @@ pub fn bn_relu_conv_backward_filter(shape: &ConvShape, input: &BnRelu, dy: &[f32
 }
 
 /// Adds, for every channel of pixels `first .. first + rows`, `du` to
-/// `sums[ch]` and `du * xhat` to `sums[C + ch]`. `dz` contains the
-/// block's `[rows, C]` rows. Each run of `RUN_PIXELS` pixels is summed in f32 and
-/// then added to the f64 sums.
-fn add_masked_sums(norm: &Normaliser, first: usize, dz: &[f32], sums: &mut [f64]) {
+/// `sums[ch]` and `du * xhat` to `sums[C + ch]`. `dz` contains the block's
+/// `[rows, dz.width]` rows, of which columns `dz.start ..` are the channels.
+/// Each run of `RUN_PIXELS` pixels is summed in f32 and then added to the
+/// f64 sums.
+fn add_masked_sums(norm: &Normaliser, first: usize, dz: Columns, sums: &mut [f64]) {
     let c = norm.width;
-    let parts = norm.parts(first, dz.len() / c);
+    let parts = norm.parts(first, dz.data.len() / dz.width);
     let mut run = vec![0f32; 2 * c];
-    for (index, dz_run) in dz.chunks(RUN_PIXELS * c).enumerate() {
+    for (index, dz_run) in dz.data.chunks(RUN_PIXELS * dz.width).enumerate() {
         run.fill(0.0);
         let (run_du, run_du_xhat) = run.split_at_mut(c);
-        for (r, dz_row) in dz_run.chunks_exact(c).enumerate() {
+        for (r, dz_row) in dz_run.chunks_exact(dz.width).enumerate() {
             let r = index * RUN_PIXELS + r;
+            let dz_row = &dz_row[dz.start..dz.start + c];
             for part in &parts {
                 let range = part.range.clone();
                 part.coef.add_sums(
@@ -274,16 +276,18 @@ fn add_masked_sums(norm: &Normaliser, first: usize, dz: &[f32], sums: &mut [f64]
 }
 
 /// Per-channel `[sum du; sum du * xhat]` over the batch, as `2 * C` values.
-fn masked_sums(norm: &Normaliser, dz: &[f32]) -> Vec<f64> {
+fn masked_sums(norm: &Normaliser, dz: Columns) -> Vec<f64> {
     let c = norm.width;
     if c == 0 {
         return Vec::new();
     }
     let partials: Vec<Vec<f64>> = dz
-        .par_chunks(BLOCK_ROWS * c)
+        .data
+        .par_chunks(BLOCK_ROWS * dz.width)
         .enumerate()
-        .map(|(block, dz)| {
+        .map(|(block, data)| {
             let mut acc = vec![0f64; 2 * c];
+            let dz = Columns { data, ..dz };
             add_masked_sums(norm, block * BLOCK_ROWS, dz, &mut acc);
             acc
         })
@@ -296,6 +300,15 @@ fn masked_sums(norm: &Normaliser, dz: &[f32]) -> Vec<f64> {
         }
     }
     sums
+}
+
+/// Views all columns of a `[pixels, c]` gradient.
+fn all_columns(dz: &[f32], c: usize) -> Columns<'_> {
+    Columns {
+        data: dz,
+        width: c,
+        start: 0,
+    }
 }
 
 /// `y[img, ch] = mean over the pixels of relu(bn(x))`, one rayon task per
@@ -356,6 +369,14 @@ pub fn bn_relu_avg_pool(shape: &PoolShape, input: &BnRelu, y: &mut [f32]) {
 /// batch statistics: `dx = gamma * inv / m * (m * du - sum du - xhat * sum(du * xhat))`
 /// over the `m` pixels of the batch, where `du = dz * [u > 0]`.
 pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
+    bn_relu_backward_part(input, all_columns(dz, input.width()), dx);
+}
+
+/// [`bn_relu_backward`] with `dz` read from columns `dz.start ..` of a wider
+/// matrix, as `BnReluBackwardPart` needs. Each block reads only those
+/// columns of its rows of `dz`, so the gradient of the whole concatenation
+/// is never written.
+pub fn bn_relu_backward_part(input: &BnRelu, dz: Columns, dx: &mut [f32]) {
     let norm = Normaliser::new(input);
     let c = norm.width;
     if c == 0 {
@@ -367,9 +388,9 @@ pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
     let mean_du_xhat: Vec<f32> = sums[c..].iter().map(|s| (s / m) as f32).collect();
 
     dx.par_chunks_mut(BLOCK_ROWS * c)
-        .zip(dz.par_chunks(BLOCK_ROWS * c))
+        .zip(dz.data.par_chunks(BLOCK_ROWS * dz.width))
         .enumerate()
-        .for_each(|(block, (dx, dz))| {
+        .for_each(|(block, (dx, dz_block))| {
             let parts: Vec<_> = norm
                 .parts(block * BLOCK_ROWS, dx.len() / c)
                 .into_iter()
@@ -379,8 +400,9 @@ pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
                     (part, means)
                 })
                 .collect();
-            for (r, (dx_row, dz_row)) in dx.chunks_exact_mut(c).zip(dz.chunks_exact(c)).enumerate()
-            {
+            let rows = dx.chunks_exact_mut(c).zip(dz_block.chunks_exact(dz.width));
+            for (r, (dx_row, dz_row)) in rows.enumerate() {
+                let dz_row = &dz_row[dz.start..dz.start + c];
                 for (part, means) in &parts {
                     let range = part.range.clone();
                     let (dz, dx) = (&dz_row[range.clone()], &mut dx_row[range]);
@@ -396,7 +418,7 @@ pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
 pub fn bn_relu_affine_grad(input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
     let norm = Normaliser::new(input);
     let c = norm.width;
-    let sums = masked_sums(&norm, dz);
+    let sums = masked_sums(&norm, all_columns(dz, c));
     for ch in 0..c {
         grad[ch] = sums[c + ch] as f32;
         grad[c + ch] = sums[ch] as f32;

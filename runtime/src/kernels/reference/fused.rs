@@ -6,7 +6,7 @@
 //! the definition the fast set must match, so these kernels copy on purpose.
 
 use super::{conv, elementwise, norm, pool};
-use crate::kernels::dispatch::BnRelu;
+use crate::kernels::dispatch::{BnRelu, Columns};
 use crate::kernels::layout::{ConvShape, PoolShape};
 
 /// Concatenates `[2, c_i]` statistics along channels: row 0 (means) of the
@@ -71,6 +71,20 @@ pub fn bn_relu_conv_backward_filter(shape: &ConvShape, input: &BnRelu, dy: &[f32
 pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
     let (x, du) = masked_grad(input, dz);
     norm::bn_backward(&x, input.stats, input.affine, &du, input.eps, dx)
+}
+
+/// Columns `dz.start ..` of [`bn_relu_backward`] over a wider concatenation,
+/// given the statistics and affine parameters of `input`'s channels only:
+/// copies those columns of `dz` and runs `bn_relu_backward`, which is the
+/// same computation because batch norm is per channel.
+pub fn bn_relu_backward_part(input: &BnRelu, dz: Columns, dx: &mut [f32]) {
+    let c = input.width();
+    if c == 0 {
+        return;
+    }
+    let mut own = vec![0f32; input.pixels * c];
+    elementwise::slice(dz.data, dz.width, dz.start, c, &mut own);
+    bn_relu_backward(input, &own, dx)
 }
 
 /// Gradient of `z = relu(bn(x))` with respect to gamma (row 0) and beta
