@@ -224,11 +224,14 @@ pub enum Op {
         eps: f32,
     },
     /// Channels `start .. start + c` of `BnReluBackward`, operands
-    /// `(x_j, .., x_k, stats, affine, dz)`: the gradient with respect to a run
-    /// of consecutive inputs whose `c` channels start at channel `start` of
-    /// the concatenation. `stats`, `affine` and `dz` cover the whole
-    /// concatenation. Batch norm is per channel, so this reads no other
-    /// input and never writes the gradient of the whole concatenation.
+    /// `(x_j, .., x_k, stats, affine, daffine, dz)`: the gradient with respect
+    /// to a run of consecutive inputs whose `c` channels start at channel
+    /// `start` of the concatenation. `stats`, `affine`, `dz` and
+    /// `daffine = BnReluAffineGrad(x_1 .. x_m, stats, affine, dz)` cover the
+    /// whole concatenation. `daffine` contains the per-channel sums
+    /// `[sum du * xhat; sum du]` that the gradient needs, so the op is one
+    /// element-wise pass that reads no other input and never writes the
+    /// gradient of the whole concatenation.
     BnReluBackwardPart {
         eps: f32,
         start: usize,
@@ -367,13 +370,13 @@ fn fused_inputs(t: &[&TensorType], trailing: usize) -> Result<(usize, usize, usi
     Ok((xs[0].dims[0], xs[0].dims[1], c))
 }
 
-/// Checks the operands `(x_j, .., x_k, stats, affine, dz)` of
+/// Checks the operands `(x_j, .., x_k, stats, affine, daffine, dz)` of
 /// `BnReluBackwardPart` and returns its output type: the inputs' pixels with
 /// their `c` channels, which must fit within the `C` channels of `dz` from
 /// channel `start` on.
 fn backward_part(t: &[&TensorType], start: usize) -> Result<TensorType, String> {
-    if t.len() < 4 {
-        return Err(format!("expected at least 4 operands, got {}", t.len()));
+    if t.len() < 5 {
+        return Err(format!("expected at least 5 operands, got {}", t.len()));
     }
     let dz = t[t.len() - 1];
     expect_rank(dz, 3, "gradient")?;
@@ -382,7 +385,7 @@ fn backward_part(t: &[&TensorType], start: usize) -> Result<TensorType, String> 
     }
     let width = dz.dims[2];
     let mut c = 0;
-    for x in &t[..t.len() - 3] {
+    for x in &t[..t.len() - 4] {
         expect_rank(x, 3, "input")?;
         if !x.batched || x.dims[..2] != dz.dims[..2] {
             return Err(format!(
@@ -397,7 +400,7 @@ fn backward_part(t: &[&TensorType], start: usize) -> Result<TensorType, String> 
             start + c
         ));
     }
-    for (i, what) in [(3, "statistics"), (2, "affine")] {
+    for (i, what) in [(4, "statistics"), (3, "affine"), (2, "affine gradient")] {
         let ty = t[t.len() - i];
         if ty.batched || ty.dims != [2, width] {
             return Err(format!("{what} {ty} must be [2, {width}]"));
@@ -872,5 +875,48 @@ impl Op {
             }
             _ => 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Operand types of a `BnReluBackwardPart` over `channels` inputs of a
+    /// 4x4 concatenation of `width` channels, with a `[2, rows]` affine
+    /// gradient.
+    fn part_operands(channels: &[usize], width: usize, rows: usize) -> Vec<TensorType> {
+        let mut types: Vec<TensorType> = channels
+            .iter()
+            .map(|&c| TensorType::batched(&[4, 4, c]))
+            .collect();
+        types.push(TensorType::fixed(&[2, width]));
+        types.push(TensorType::fixed(&[2, width]));
+        types.push(TensorType::fixed(&[2, rows]));
+        types.push(TensorType::batched(&[4, 4, width]));
+        types
+    }
+
+    fn infer_part(start: usize, types: &[TensorType]) -> Result<TensorType, String> {
+        let refs: Vec<&TensorType> = types.iter().collect();
+        Op::BnReluBackwardPart { eps: 1e-5, start }.infer(&refs)
+    }
+
+    #[test]
+    fn backward_part_has_its_inputs_channels() {
+        let ty = infer_part(3, &part_operands(&[2, 4], 9, 9)).unwrap();
+        assert_eq!(ty, TensorType::batched(&[4, 4, 6]));
+    }
+
+    #[test]
+    fn backward_part_rejects_channels_past_gradient() {
+        let err = infer_part(4, &part_operands(&[2, 4], 9, 9)).unwrap_err();
+        assert!(err.contains("channels 4..10 out of range"), "{err}");
+    }
+
+    #[test]
+    fn backward_part_rejects_narrow_affine_gradient() {
+        let err = infer_part(0, &part_operands(&[2], 9, 2)).unwrap_err();
+        assert!(err.contains("affine gradient"), "{err}");
     }
 }

@@ -405,6 +405,24 @@ fn interpreter_reports_shared_out_of_bounds() {
     assert!(text.contains("length 16"), "{text}");
 }
 
+/// Runs `op` on `operands` in the reference set at batch `n`.
+fn reference_output(op: &Op, operands: &[Operand], n: usize) -> Vec<f32> {
+    let types: Vec<&TensorType> = operands.iter().map(|o| &o.ty).collect();
+    let out_ty = op.infer(&types).expect("the operands fit the op");
+    let ins: Vec<In> = operands
+        .iter()
+        .map(|o| In {
+            data: &o.data,
+            ty: &o.ty,
+        })
+        .collect();
+    let mut out = vec![0.0; out_ty.numel(n)];
+    KernelSet::Reference
+        .compute(op, &ins, &mut out, &out_ty, &Ctx { n, seed: 0 })
+        .expect("the reference runs the op");
+    out
+}
+
 /// The operands every fused BN-ReLU op starts with: inputs `x_1 .. x_m` of
 /// `parts[i]` channels over an `h x w` image, the batch statistics of their
 /// concatenation (so variances are those of real data) and random affine
@@ -519,14 +537,21 @@ proptest! {
         check(&Op::BnReluAffineGrad { eps }, &operands, n, seed, FUSED_TOL)?;
 
         // Every run of consecutive inputs, reading its columns of the
-        // statistics, affine parameters and dz of the whole concatenation.
+        // statistics, affine parameters, affine gradient and dz of the whole
+        // concatenation.
         let m = parts.len();
-        let all = fused_operands(&parts, (n, h, w), seed);
+        let mut all = fused_operands(&parts, (n, h, w), seed);
+        all.push(dz());
+        let daffine = Operand {
+            ty: TensorType::fixed(&[2, c]),
+            data: reference_output(&Op::BnReluAffineGrad { eps }, &all, n),
+        };
         for first in 0..m {
             for end in first + 1..=m {
                 let start = parts[..first].iter().sum();
                 let mut operands = all[first..end].to_vec();
-                operands.extend_from_slice(&all[m..]);
+                operands.extend_from_slice(&all[m..m + 2]);
+                operands.push(daffine.clone());
                 operands.push(dz());
                 let op = Op::BnReluBackwardPart { eps, start };
                 check(&op, &operands, n, seed, FUSED_TOL)?;

@@ -274,6 +274,7 @@ fn sample_ops() -> Vec<(Op, Vec<TensorType>)> {
                 part.clone(),
                 fused_stats.clone(),
                 fused_stats.clone(),
+                fused_stats.clone(),
                 concat.clone(),
             ],
         ),
@@ -713,12 +714,13 @@ fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Ve
         Op::BnReluConv { .. }
             | Op::BnReluConvBackwardFilter { .. }
             | Op::BnReluBackward { .. }
-            | Op::BnReluBackwardPart { .. }
             | Op::BnReluAffineGrad { .. }
     );
     // The fused ops take their statistics after the inputs x_1 .. x_m, as
-    // the third operand from the end, or the fourth when a bias follows the
-    // weight, or the second when nothing follows the affine parameters.
+    // the third operand from the end. They are the fourth in
+    // `BnReluConvBias`, where a bias follows the weight, and in
+    // `BnReluBackwardPart`, where the affine gradient precedes dz. They are
+    // the second when nothing follows the affine parameters.
     let is_stats = (matches!(
         op,
         Op::BnApply { .. }
@@ -728,7 +730,10 @@ fn sample_data(op: &Op, (i, count): (usize, usize), len: usize, seed: u64) -> Ve
     ) && i == 1)
         || (matches!(op, Op::BnFoldBias { .. }) && i == 0)
         || (is_fused && i + 3 == count)
-        || (matches!(op, Op::BnReluConvBias { .. }) && i + 4 == count)
+        || (matches!(
+            op,
+            Op::BnReluConvBias { .. } | Op::BnReluBackwardPart { .. }
+        ) && i + 4 == count)
         || (matches!(
             op,
             Op::BnReluGlobalAvgPool { .. } | Op::BnReluAvgPool { .. }

@@ -14,10 +14,12 @@
 //! - `bn-relu-backward-part`: `Slice { start, len }(BnReluBackward(x_1 .. x_m, s, a, dz))`,
 //!   where channels `start .. start + len` are exactly those of a run of
 //!   consecutive inputs `x_j .. x_k`, becomes
-//!   `BnReluBackwardPart { start }(x_j .. x_k, s, a, dz)`. Batch norm is per
-//!   channel, so those channels' gradient needs only their inputs and
-//!   columns, and once every slice takes this form the gradient of the whole
-//!   concatenation is neither written nor copied.
+//!   `BnReluBackwardPart { start }(x_j .. x_k, s, a, da, dz)` with
+//!   `da = BnReluAffineGrad(x_1 .. x_m, s, a, dz)`. Batch norm is per
+//!   channel, so those channels' gradient needs only their inputs, their
+//!   columns and the two per-channel sums that `da` contains (and that
+//!   `bn-relu-affine-grad` computes anyway). Once every slice takes this form
+//!   the gradient of the whole concatenation is neither written nor copied.
 //! - `bn-relu-affine-grad`: `BnAffineGrad(c, s, ReluBackward(b, dz))` becomes
 //!   `BnReluAffineGrad(x_1 .. x_m, s, a, dz)`.
 //!
@@ -43,6 +45,7 @@ use std::ops::Range;
 
 use egg::Id;
 use ldnc_ir::op::Op;
+use ldnc_ir::TensorType;
 
 use super::lang::FuseGraph;
 use super::rules::{add, fits, nodes, parts, Fusion, Match};
@@ -145,8 +148,10 @@ impl Fusion for BnReluBackward {
 pub struct BnReluBackwardPart;
 
 impl Fusion for BnReluBackwardPart {
+    /// Records each match as the operands `(x_1 .. x_m, s, a, dz)` of the
+    /// wide gradient, with the slice it replaces as `inner`, because `build`
+    /// also adds the affine gradient over all of them.
     fn find(&self, egraph: &FuseGraph, class: Id) -> Vec<Match> {
-        let mut candidates = Vec::new();
         for (op, children) in nodes(egraph, class) {
             let Op::Slice { start, len } = *op else {
                 continue;
@@ -155,20 +160,70 @@ impl Fusion for BnReluBackwardPart {
                 let Op::BnReluBackward { eps } = *wide else {
                     continue;
                 };
-                let m = operands.len() - 3;
-                if let Some(run) = covering_run(egraph, &operands[..m], start, len) {
-                    let mut part_operands = operands[run].to_vec();
-                    part_operands.extend_from_slice(&operands[m..]);
-                    candidates.push(Match {
-                        op: Op::BnReluBackwardPart { eps, start },
-                        operands: part_operands,
-                        inner: None,
-                    });
+                let part = Op::BnReluBackwardPart { eps, start };
+                let Some(part_operands) = part_operands(egraph, operands, start, len, None) else {
+                    continue;
+                };
+                // The affine gradient has the type of the statistics, `[2, C]`.
+                let stats = part_operands[part_operands.len() - 3];
+                let mut types: Vec<&TensorType> =
+                    part_operands.iter().map(|&c| &egraph[c].data.ty).collect();
+                types.insert(types.len() - 1, &egraph[stats].data.ty);
+                if part
+                    .infer(&types)
+                    .is_ok_and(|ty| ty == egraph[class].data.ty)
+                {
+                    return vec![Match {
+                        op: part,
+                        operands: operands.to_vec(),
+                        inner: Some(op.clone()),
+                    }];
                 }
             }
         }
-        first_fit(egraph, class, candidates)
+        Vec::new()
     }
+
+    fn build(&self, egraph: &mut FuseGraph, found: &Match) -> Id {
+        let (Op::BnReluBackwardPart { eps, start }, Some(Op::Slice { len, .. })) =
+            (&found.op, &found.inner)
+        else {
+            unreachable!("bn-relu-backward-part records the part and its slice")
+        };
+        let outer = egraph.analysis.next_name.take();
+        let affine = found.operands[found.operands.len() - 2];
+        let name = format!("{}.grad", egraph[affine].data.name);
+        egraph.analysis.next_name = Some((name, None));
+        let grad = add(
+            egraph,
+            &Op::BnReluAffineGrad { eps: *eps },
+            found.operands.clone(),
+        );
+        egraph.analysis.next_name = outer;
+
+        let operands = part_operands(egraph, &found.operands, *start, *len, Some(grad))
+            .expect("find checked that the slice covers a run of inputs");
+        add(egraph, &found.op, operands)
+    }
+}
+
+/// Returns the operands `(x_j .. x_k, s, a, [daffine,] dz)` of the part of
+/// the wide gradient operands `(x_1 .. x_m, s, a, dz)` whose inputs have
+/// channels `start .. start + len`, with `daffine` where it is given.
+fn part_operands(
+    egraph: &FuseGraph,
+    wide: &[Id],
+    start: usize,
+    len: usize,
+    daffine: Option<Id>,
+) -> Option<Vec<Id>> {
+    let m = wide.len() - 3;
+    let run = covering_run(egraph, &wide[..m], start, len)?;
+    let mut operands = wide[run].to_vec();
+    operands.extend_from_slice(&wide[m..m + 2]);
+    operands.extend(daffine);
+    operands.push(wide[m + 2]);
+    Some(operands)
 }
 
 /// Returns the range of `inputs` whose channels are exactly `start .. start + len`
@@ -509,7 +564,7 @@ mod tests {
         }
     }
 
-    /// The gradient `BnBackward(c, s, a, ReluBackward(BnApply(c, s, a), dz))`
+    /// Builds the gradient `BnBackward(c, s, a, ReluBackward(BnApply(c, s, a), dz))`
     /// of `c = concat(concat(x1, x2), x3)` with 2, 3 and 1 channels, read by
     /// one slice per `(start, len)` in `slices`.
     fn sliced_gradient(slices: &[(usize, usize)]) -> TrainingGraph {
@@ -566,7 +621,7 @@ mod tests {
             .filter_map(|id| match graph.node(id).op {
                 Op::BnReluBackwardPart { start, .. } => {
                     let inputs = graph.inputs(id);
-                    let xs = &inputs[..inputs.len() - 3];
+                    let xs = &inputs[..inputs.len() - 4];
                     let channels = xs.iter().map(|&x| graph.node(x).ty.channels());
                     Some((start, channels.collect()))
                 }
@@ -591,7 +646,7 @@ mod tests {
     }
 
     #[test]
-    fn slice_that_cuts_an_input_keeps_the_wide_gradient() {
+    fn cut_slice_keeps_wide_gradient() {
         // Channels 1..4 cut x1 and x2, so only the slice of x3 is computed
         // on its own, and the other still reads the wide gradient.
         let (fused, _) =

@@ -103,7 +103,7 @@ pub(crate) trait Kernels {
         dw: &mut [f32],
     );
     fn bn_relu_backward(&self, input: &BnRelu, dz: &[f32], dx: &mut [f32]);
-    fn bn_relu_backward_part(&self, input: &BnRelu, dz: Columns, dx: &mut [f32]);
+    fn bn_relu_backward_part(&self, input: &BnRelu, daffine: &[f32], dz: Columns, dx: &mut [f32]);
     fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]);
     fn bn_relu_global_avg_pool(&self, input: &BnRelu, y: &mut [f32]);
     fn bn_relu_avg_pool(&self, shape: &PoolShape, input: &BnRelu, y: &mut [f32]);
@@ -541,11 +541,11 @@ fn compute_fused<K: Kernels>(
     Ok(())
 }
 
-/// Checks the operands `(x_j, .., x_k, stats, affine, dz)` of
+/// Checks the operands `(x_j, .., x_k, stats, affine, daffine, dz)` of
 /// `BnReluBackwardPart { eps, start }` and runs its kernel. The kernels get
-/// the statistics and affine parameters of the inputs' channels as `[2, c]`
-/// copies, because the two rows of a channel range are not contiguous in the
-/// `[2, C]` operands.
+/// the statistics, affine parameters and affine gradient of the inputs'
+/// channels as `[2, c]` copies, because the two rows of a channel range are
+/// not contiguous in the `[2, C]` operands.
 fn backward_part<K: Kernels>(
     set: &K,
     op: &Op,
@@ -556,8 +556,8 @@ fn backward_part<K: Kernels>(
 ) -> Result<(), KernelError> {
     // `check_operands` ran the shape rule, which requires m >= 1 inputs of
     // the gradient's spatial size and channels that fit within it.
-    let m = inputs.len() - 3;
-    let dz = &inputs[m + 2];
+    let m = inputs.len() - 4;
+    let dz = &inputs[m + 3];
     let (h, w, width) = hwc(op, dz.ty)?;
     let channels: Vec<usize> = inputs[..m].iter().map(|x| x.ty.channels()).collect();
     let c: usize = channels.iter().sum();
@@ -566,13 +566,15 @@ fn backward_part<K: Kernels>(
     })?;
     check_rows(op, inputs[m].ty, width, "statistics")?;
     check_rows(op, inputs[m + 1].ty, width, "affine")?;
+    check_rows(op, inputs[m + 2].ty, width, "affine gradient")?;
 
     let window = |rows: &[f32]| -> Vec<f32> {
-        let mean = &rows[start..start + c];
-        let var = &rows[width + start..width + start + c];
-        [mean, var].concat()
+        let first = &rows[start..start + c];
+        let second = &rows[width + start..width + start + c];
+        [first, second].concat()
     };
     let (stats, affine) = (window(inputs[m].data), window(inputs[m + 1].data));
+    let daffine = window(inputs[m + 2].data);
     let input = BnRelu {
         parts: inputs[..m].iter().map(|x| x.data).collect(),
         channels,
@@ -586,6 +588,6 @@ fn backward_part<K: Kernels>(
         width,
         start,
     };
-    set.bn_relu_backward_part(&input, dz, out);
+    set.bn_relu_backward_part(&input, &daffine, dz, out);
     Ok(())
 }

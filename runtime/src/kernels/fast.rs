@@ -248,8 +248,8 @@ impl Kernels for Fast {
     fn bn_relu_backward(&self, input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
         fused::bn_relu_backward(input, dz, dx)
     }
-    fn bn_relu_backward_part(&self, input: &BnRelu, dz: Columns, dx: &mut [f32]) {
-        fused::bn_relu_backward_part(input, dz, dx)
+    fn bn_relu_backward_part(&self, input: &BnRelu, daffine: &[f32], dz: Columns, dx: &mut [f32]) {
+        fused::bn_relu_backward_part(input, daffine, dz, dx)
     }
     fn bn_relu_affine_grad(&self, input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
         fused::bn_relu_affine_grad(input, dz, grad)

@@ -25,8 +25,8 @@
 //!   [`super::norm`] applied to `du = dz * [u > 0]`, with the mask
 //!   recomputed from `x`. They run one block of 256 threads per channel with
 //!   the same deterministic block reduction. `BnReluBackwardPart` is
-//!   `BnReluBackward` for the channels of some of the inputs, reading those
-//!   channels' columns of the wider `dz`, `stats` and `affine`.
+//!   `BnReluBackward` for the channels of some of the inputs, one thread per
+//!   element, with the two sums read from the affine gradient.
 
 use ldnc_ir::{Op, TensorType};
 
@@ -74,17 +74,12 @@ pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<Lowere
     }
 
     if let Op::BnReluBackwardPart { eps, start } = *op {
-        let m = inputs.len() - 3;
+        let m = inputs.len() - 4;
         let parts: Vec<usize> = inputs[..m].iter().map(|t| t.channels()).collect();
         check_width(op, &parts)?;
-        let (_, _, width) = hwc(op, inputs[m + 2])?;
-        let columns = Columns { start, width };
-        return Ok(LoweredStep::single(backward(
-            out,
-            &parts,
-            eps,
-            Some(columns),
-        )?));
+        let (_, _, width) = hwc(op, inputs[m + 3])?;
+        let launch = backward_part(out, &parts, eps, (start, width))?;
+        return Ok(LoweredStep::single(launch));
     }
 
     // Every other fused op has operands (x_1 .. x_m, stats, affine, last),
@@ -124,11 +119,8 @@ pub fn lower(op: &Op, inputs: &[&TensorType], out: &TensorType) -> Result<Lowere
             let g = Geometry::new(op, &concat, last, (k, stride, pad))?;
             bn_relu_conv_backward_filter(g, &parts, last.channels(), eps)?
         }
-        Op::BnReluBackward { eps } => {
-            let columns = Columns::all(concat.channels());
-            backward(&concat, &parts, eps, Some(columns))?
-        }
-        Op::BnReluAffineGrad { eps } => backward(&concat, &parts, eps, None)?,
+        Op::BnReluBackward { eps } => backward(&concat, &parts, eps, false)?,
+        Op::BnReluAffineGrad { eps } => backward(&concat, &parts, eps, true)?,
         _ => return Err(unsupported(op, "not a fused BN-ReLU op")),
     };
     Ok(LoweredStep::single(launch))
@@ -437,62 +429,33 @@ fn bn_relu_avg_pool(
     l.finish()
 }
 
-/// Channels `start .. start + c` of the `width` channels of `dz`, `stats`
-/// and `affine`, which belong to the `c` channels of the inputs that a
-/// batch-norm gradient reads.
-#[derive(Debug, Clone, Copy)]
-struct Columns {
-    start: usize,
-    width: usize,
-}
-
-impl Columns {
-    /// Selects all `width` channels.
-    fn all(width: usize) -> Columns {
-        Columns { start: 0, width }
-    }
-}
-
 /// Gradients of `z = relu(bn(x))` through the batch statistics, with
 /// `du = dz * [u > 0]` and `m = N * h * w` rows per channel.
 ///
-/// With `dx = Some(columns)` it writes
-/// `dx = gamma * inv / m * (m * du - sum du - xhat * sum(du * xhat))` for the
-/// channels of the inputs, reading `dz`, `stats` and `affine` at `columns`:
-/// that is `BnReluBackward` when the columns are all of them and
-/// `BnReluBackwardPart` otherwise. With `dx = None` it is
-/// `BnReluAffineGrad` and writes `[sum du * xhat; sum du]`. All three reduce
-/// the same two sums per channel. `concat` is the type of the inputs'
-/// concatenation.
-fn backward(concat: &TensorType, parts: &[usize], eps: f32, dx: Option<Columns>) -> Result<Launch> {
-    let c = concat.channels();
-    let (name, what) = match dx {
-        None => (
-            "bn_relu_affine_grad",
-            "Gradients of gamma and beta as [sum du * xhat; sum du]".to_string(),
-        ),
-        Some(Columns { start: 0, width }) if width == c => (
-            "bn_relu_backward",
-            "Input gradient of batch norm through the batch statistics".to_string(),
-        ),
-        Some(Columns { start, width }) => (
-            "bn_relu_backward_part",
-            format!(
-                "Input gradient of batch norm through the batch statistics, at channels \
-                 {start}..{} of the {width} of dz, stats and affine,",
-                start + c
-            ),
-        ),
+/// `BnReluBackward` (`affine_grad == false`) writes
+/// `dx = gamma * inv / m * (m * du - sum du - xhat * sum(du * xhat))` into
+/// the concatenation layout; `BnReluAffineGrad` writes
+/// `[sum du * xhat; sum du]`. Both reduce the same two sums per channel.
+fn backward(concat: &TensorType, parts: &[usize], eps: f32, affine_grad: bool) -> Result<Launch> {
+    let name = if affine_grad {
+        "bn_relu_affine_grad"
+    } else {
+        "bn_relu_backward"
     };
     let mut l = Lowering::new(name, THREADS);
     let x = Concat::bind(&mut l, parts);
-    let columns = dx.unwrap_or(Columns::all(c));
+    let c = x.width();
+    let what = if affine_grad {
+        "Gradients of gamma and beta as [sum du * xhat; sum du]"
+    } else {
+        "Input gradient of batch norm through the batch statistics"
+    };
     l.doc(format!(
         "{what} inside relu(bn(concat(x))) for {c} channels, with du = dz * [u > 0] and the mask \
          recomputed from x, which is read as {}. One block of {THREADS} threads per channel \
          reduces sum(du) and sum(du * xhat) deterministically{}.",
         x.summary(),
-        if dx.is_none() {
+        if affine_grad {
             ""
         } else {
             ", then writes dx for its channel"
@@ -500,7 +463,7 @@ fn backward(concat: &TensorType, parts: &[usize], eps: f32, dx: Option<Columns>)
     ));
     let norm = bind_norm(&mut l, parts.len());
     let dz = l.operand("dz", parts.len() + 2);
-    let out = l.result(if dx.is_none() { "grad" } else { "dx" });
+    let out = l.result(if affine_grad { "grad" } else { "dx" });
     let n = l.batch();
     let scratch = l.shared("partial", THREADS as usize);
     l.grid(int(c), 1, 1);
@@ -509,19 +472,12 @@ fn backward(concat: &TensorType, parts: &[usize], eps: f32, dx: Option<Columns>)
     let ch = b.let_("ch", block_idx(Axis::X));
     let tid = b.let_("tid", thread_idx(Axis::X));
     let rows = b.let_("rows", numel(concat, &n) / int(c));
-    // `col` is the channel's column in `dz`, `stats` and `affine`.
-    let col = if columns.start == 0 {
-        ch.clone()
-    } else {
-        b.let_("col", &ch + int(columns.start))
-    };
-    let bn = Norm::load(b, norm, columns.width, eps, &col);
+    let bn = Norm::load(b, norm, c, eps, &ch);
     // The masked gradient `du` and `xhat` of row `r`, as registers.
     let masked = |b: &mut KernelBuilder, r: &Expr| {
         let xhat = b.let_("xhat", (concat_load(&x, r, &ch) - &bn.mean) * &bn.inv);
         let u = &bn.gamma * &xhat + &bn.beta;
-        let grad = dz.load(r * int(columns.width) + &col);
-        let du = b.let_("du", u.gt(0.0f32).select(grad, 0.0f32));
+        let du = b.let_("du", u.gt(0.0f32).select(dz.load(r * int(c) + &ch), 0.0f32));
         (xhat, du)
     };
 
@@ -535,7 +491,7 @@ fn backward(concat: &TensorType, parts: &[usize], eps: f32, dx: Option<Columns>)
     let sum_du = block_sum(b, scratch, &tid, acc_du.clone());
     let sum_du_xhat = block_sum(b, scratch, &tid, acc_du_xhat.clone());
 
-    if dx.is_none() {
+    if affine_grad {
         b.if_(tid.equals(0), |b| {
             b.store(out.mem(), &ch, &sum_du_xhat);
             b.store(out.mem(), &ch + int(c), &sum_du);
@@ -549,6 +505,56 @@ fn backward(concat: &TensorType, parts: &[usize], eps: f32, dx: Option<Columns>)
             b.store(out.mem(), r * int(c) + &ch, &scale * centred);
         });
     }
+    l.finish()
+}
+
+/// `BnReluBackwardPart`: the `BnReluBackward` formula
+/// `dx = gamma * inv * (du - sum du / m - xhat * sum(du * xhat) / m)` for
+/// the `c` channels of `parts`, which are channels `start ..` of the `width`
+/// channels of `dz`, `stats`, `affine` and `daffine`. The sums come from
+/// `daffine = [sum du * xhat; sum du]`, so one thread per output element
+/// computes it with no reduction.
+fn backward_part(
+    out: &TensorType,
+    parts: &[usize],
+    eps: f32,
+    (start, width): (usize, usize),
+) -> Result<Launch> {
+    let mut l = Lowering::new("bn_relu_backward_part", THREADS);
+    let x = Concat::bind(&mut l, parts);
+    let c = x.width();
+    l.doc(format!(
+        "Input gradient of batch norm through the batch statistics inside \
+         relu(bn(concat(x))) for channels {start}..{} of the {width} of dz, stats, affine and \
+         daffine, with du = dz * [u > 0] and the mask recomputed from x, which is read as {}. \
+         The sums come from daffine = [sum du * xhat; sum du]. One thread per element.",
+        start + c,
+        x.summary()
+    ));
+    let norm = bind_norm(&mut l, parts.len());
+    let daffine = l.operand("daffine", parts.len() + 2);
+    let dz = l.operand("dz", parts.len() + 3);
+    let dx = l.result("dx");
+    let n = l.batch();
+    let total = numel(out, &n);
+    let rows = total.clone() / int(c);
+
+    l.per_element(total, |b, i| {
+        let r = b.let_("r", &i / int(c));
+        let ch = b.let_("ch", &i % int(c));
+        let col = b.let_("col", &ch + int(start));
+        let bn = Norm::load(b, norm, width, eps, &col);
+        let mf = b.let_("m", rows.to_f32());
+        let sum_du_xhat = b.let_("sum_du_xhat", daffine.load(&col));
+        let sum_du = b.let_("sum_du", daffine.load(&col + int(width)));
+
+        let xhat = b.let_("xhat", (concat_load(&x, &r, &ch) - &bn.mean) * &bn.inv);
+        let u = &bn.gamma * &xhat + &bn.beta;
+        let grad = dz.load(&r * int(width) + &col);
+        let du = b.let_("du", u.gt(0.0f32).select(grad, 0.0f32));
+        let centred = du - &sum_du / &mf - xhat * (&sum_du_xhat / &mf);
+        b.store(dx.mem(), &i, &bn.gamma * &bn.inv * centred);
+    });
     l.finish()
 }
 
@@ -630,14 +636,14 @@ mod tests {
             TensorType::batched(&[3, 3, 4]),
             TensorType::fixed(&[2, 5]),
             TensorType::fixed(&[2, 5]),
+            TensorType::fixed(&[2, 5]),
             TensorType::batched(&[3, 3, 5]),
         ];
         let step = lower_fused(&op, &inputs);
         let kernel = &step.launches[0].kernel;
         assert_eq!(kernel.name, "bn_relu_backward_part");
-        assert_eq!(kernel.grid[0], int(4), "one block per channel of the input");
         let names: Vec<&str> = kernel.params.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["x1", "stats", "affine", "dz", "dx", "n"]);
+        assert_eq!(names, ["x1", "stats", "affine", "daffine", "dz", "dx", "n"]);
         assert_eq!(written(&step), ["dx"]);
     }
 

@@ -9,7 +9,9 @@
 //! rows, as an NHWC matrix with the channels of all inputs side by side. The
 //! buffer stays in cache for im2col and the GEMM. The batch-norm gradients
 //! read the inputs where they lie, in two passes over blocks of pixels:
-//! per-channel sums, then the element-wise gradient.
+//! per-channel sums, then the element-wise gradient. The gradient of some of
+//! the inputs (`BnReluBackwardPart`) takes its sums from the affine gradient
+//! and is the second pass alone.
 //!
 //! The element-wise loops run pixel by pixel, then input by input, then over
 //! that input's contiguous channels. The inner loop thus has no branch on
@@ -245,20 +247,18 @@ pub fn bn_relu_conv_backward_filter(shape: &ConvShape, input: &BnRelu, dy: &[f32
 }
 
 /// Adds, for every channel of pixels `first .. first + rows`, `du` to
-/// `sums[ch]` and `du * xhat` to `sums[C + ch]`. `dz` contains the block's
-/// `[rows, dz.width]` rows, of which columns `dz.start ..` are the channels.
-/// Each run of `RUN_PIXELS` pixels is summed in f32 and then added to the
-/// f64 sums.
-fn add_masked_sums(norm: &Normaliser, first: usize, dz: Columns, sums: &mut [f64]) {
+/// `sums[ch]` and `du * xhat` to `sums[C + ch]`. `dz` contains the
+/// block's `[rows, C]` rows. Each run of `RUN_PIXELS` pixels is summed in f32 and
+/// then added to the f64 sums.
+fn add_masked_sums(norm: &Normaliser, first: usize, dz: &[f32], sums: &mut [f64]) {
     let c = norm.width;
-    let parts = norm.parts(first, dz.data.len() / dz.width);
+    let parts = norm.parts(first, dz.len() / c);
     let mut run = vec![0f32; 2 * c];
-    for (index, dz_run) in dz.data.chunks(RUN_PIXELS * dz.width).enumerate() {
+    for (index, dz_run) in dz.chunks(RUN_PIXELS * c).enumerate() {
         run.fill(0.0);
         let (run_du, run_du_xhat) = run.split_at_mut(c);
-        for (r, dz_row) in dz_run.chunks_exact(dz.width).enumerate() {
+        for (r, dz_row) in dz_run.chunks_exact(c).enumerate() {
             let r = index * RUN_PIXELS + r;
-            let dz_row = &dz_row[dz.start..dz.start + c];
             for part in &parts {
                 let range = part.range.clone();
                 part.coef.add_sums(
@@ -276,18 +276,16 @@ fn add_masked_sums(norm: &Normaliser, first: usize, dz: Columns, sums: &mut [f64
 }
 
 /// Per-channel `[sum du; sum du * xhat]` over the batch, as `2 * C` values.
-fn masked_sums(norm: &Normaliser, dz: Columns) -> Vec<f64> {
+fn masked_sums(norm: &Normaliser, dz: &[f32]) -> Vec<f64> {
     let c = norm.width;
     if c == 0 {
         return Vec::new();
     }
     let partials: Vec<Vec<f64>> = dz
-        .data
-        .par_chunks(BLOCK_ROWS * dz.width)
+        .par_chunks(BLOCK_ROWS * c)
         .enumerate()
-        .map(|(block, data)| {
+        .map(|(block, dz)| {
             let mut acc = vec![0f64; 2 * c];
-            let dz = Columns { data, ..dz };
             add_masked_sums(norm, block * BLOCK_ROWS, dz, &mut acc);
             acc
         })
@@ -369,14 +367,6 @@ pub fn bn_relu_avg_pool(shape: &PoolShape, input: &BnRelu, y: &mut [f32]) {
 /// batch statistics: `dx = gamma * inv / m * (m * du - sum du - xhat * sum(du * xhat))`
 /// over the `m` pixels of the batch, where `du = dz * [u > 0]`.
 pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
-    bn_relu_backward_part(input, all_columns(dz, input.width()), dx);
-}
-
-/// [`bn_relu_backward`] with `dz` read from columns `dz.start ..` of a wider
-/// matrix, as `BnReluBackwardPart` needs. Each block reads only those
-/// columns of its rows of `dz`, so the gradient of the whole concatenation
-/// is never written.
-pub fn bn_relu_backward_part(input: &BnRelu, dz: Columns, dx: &mut [f32]) {
     let norm = Normaliser::new(input);
     let c = norm.width;
     if c == 0 {
@@ -386,7 +376,31 @@ pub fn bn_relu_backward_part(input: &BnRelu, dz: Columns, dx: &mut [f32]) {
     let sums = masked_sums(&norm, dz);
     let mean_du: Vec<f32> = sums[..c].iter().map(|s| (s / m) as f32).collect();
     let mean_du_xhat: Vec<f32> = sums[c..].iter().map(|s| (s / m) as f32).collect();
+    write_backward(&norm, (&mean_du, &mean_du_xhat), all_columns(dz, c), dx);
+}
 
+/// [`bn_relu_backward`] with `dz` read from columns `dz.start ..` of a wider
+/// matrix and the sums taken from `daffine = [sum du * xhat; sum du]`, the
+/// affine gradient of `input`'s channels, as `BnReluBackwardPart` needs. It
+/// is one pass over the inputs and those columns of `dz`, so the gradient of
+/// the whole concatenation is never written.
+pub fn bn_relu_backward_part(input: &BnRelu, daffine: &[f32], dz: Columns, dx: &mut [f32]) {
+    let norm = Normaliser::new(input);
+    let c = norm.width;
+    if c == 0 {
+        return;
+    }
+    let m = input.pixels as f64;
+    let mean = |sum: &[f32]| -> Vec<f32> { sum.iter().map(|&s| (s as f64 / m) as f32).collect() };
+    let (mean_du_xhat, mean_du) = (mean(&daffine[..c]), mean(&daffine[c..2 * c]));
+    write_backward(&norm, (&mean_du, &mean_du_xhat), dz, dx);
+}
+
+/// Writes `dx = scale * (du - mean_du - xhat * mean_du_xhat)` for every
+/// pixel, one rayon task per `BLOCK_ROWS` pixels, reading columns
+/// `dz.start ..` of `dz`.
+fn write_backward(norm: &Normaliser, means: (&[f32], &[f32]), dz: Columns, dx: &mut [f32]) {
+    let c = norm.width;
     dx.par_chunks_mut(BLOCK_ROWS * c)
         .zip(dz.data.par_chunks(BLOCK_ROWS * dz.width))
         .enumerate()
@@ -396,7 +410,7 @@ pub fn bn_relu_backward_part(input: &BnRelu, dz: Columns, dx: &mut [f32]) {
                 .into_iter()
                 .map(|part| {
                     let range = part.range.clone();
-                    let means = (&mean_du[range.clone()], &mean_du_xhat[range]);
+                    let means = (&means.0[range.clone()], &means.1[range]);
                     (part, means)
                 })
                 .collect();
@@ -418,7 +432,7 @@ pub fn bn_relu_backward_part(input: &BnRelu, dz: Columns, dx: &mut [f32]) {
 pub fn bn_relu_affine_grad(input: &BnRelu, dz: &[f32], grad: &mut [f32]) {
     let norm = Normaliser::new(input);
     let c = norm.width;
-    let sums = masked_sums(&norm, all_columns(dz, c));
+    let sums = masked_sums(&norm, dz);
     for ch in 0..c {
         grad[ch] = sums[c + ch] as f32;
         grad[c + ch] = sums[ch] as f32;

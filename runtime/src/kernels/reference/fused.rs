@@ -74,17 +74,34 @@ pub fn bn_relu_backward(input: &BnRelu, dz: &[f32], dx: &mut [f32]) {
 }
 
 /// Columns `dz.start ..` of [`bn_relu_backward`] over a wider concatenation,
-/// given the statistics and affine parameters of `input`'s channels only:
-/// copies those columns of `dz` and runs `bn_relu_backward`, which is the
-/// same computation because batch norm is per channel.
-pub fn bn_relu_backward_part(input: &BnRelu, dz: Columns, dx: &mut [f32]) {
+/// given the statistics, affine parameters and affine gradient
+/// `daffine = [sum du * xhat; sum du]` of `input`'s channels only:
+/// `dx = gamma * inv * (du - sum du / m - xhat * sum(du * xhat) / m)`, with
+/// the sums read from `daffine` instead of recomputed.
+pub fn bn_relu_backward_part(input: &BnRelu, daffine: &[f32], dz: Columns, dx: &mut [f32]) {
     let c = input.width();
     if c == 0 {
         return;
     }
     let mut own = vec![0f32; input.pixels * c];
     elementwise::slice(dz.data, dz.width, dz.start, c, &mut own);
-    bn_relu_backward(input, &own, dx)
+    let (x, du) = masked_grad(input, &own);
+
+    let rows = input.pixels as f64;
+    let (stats, gamma) = (input.stats, input.affine);
+    let inv = norm::inv_std(stats, c, input.eps);
+    for ((xr, dr), out) in x
+        .chunks_exact(c)
+        .zip(du.chunks_exact(c))
+        .zip(dx.chunks_exact_mut(c))
+    {
+        for ch in 0..c {
+            let xhat = (xr[ch] as f64 - stats[ch] as f64) * inv[ch];
+            let (sum_du_xhat, sum_du) = (daffine[ch] as f64, daffine[c + ch] as f64);
+            let centred = dr[ch] as f64 - sum_du / rows - xhat * sum_du_xhat / rows;
+            out[ch] = (gamma[ch] as f64 * inv[ch] * centred) as f32;
+        }
+    }
 }
 
 /// Gradient of `z = relu(bn(x))` with respect to gamma (row 0) and beta

@@ -32,7 +32,7 @@ pub fn bn_stats(x: &[f32], c: usize, stats: &mut [f32]) {
 }
 
 /// `1 / sqrt(var + eps)` per channel, from a `[2, c]` statistics tensor.
-fn inv_std(stats: &[f32], c: usize, eps: f32) -> Vec<f64> {
+pub(super) fn inv_std(stats: &[f32], c: usize, eps: f32) -> Vec<f64> {
     stats[c..2 * c]
         .iter()
         .map(|&v| 1.0 / (v as f64 + eps as f64).sqrt())
