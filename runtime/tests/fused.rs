@@ -570,6 +570,12 @@ fn fast_matches_reference_over_many_blocks() {
 /// `6e-8 * sqrt(outputs) / step` relative to the outputs.
 const STEP: f64 = 3e-3;
 
+/// Smallest channel standard deviation whose inputs the finite-difference
+/// test probes. A two-pixel layer drew a channel with standard deviation 0.012,
+/// where f32 rounding in the recomputed variance moved the difference quotient
+/// by about 5%.
+const MIN_PROBED_STD: f64 = 0.05;
+
 /// Allowed `|analytic - difference| / (1 + |analytic|)`. It covers that noise
 /// and the O(STEP) error of a one-sided difference.
 const FD_TOL: f64 = 1e-2;
@@ -767,6 +773,13 @@ proptest! {
 
         let c = layer.width();
         for index in coordinates(seed + 300, layer.pixels() * c, 20) {
+            // The objective recomputes the batch variance in f32, whose
+            // rounding is as large as the change a step makes on a nearly
+            // constant channel, so those inputs are not probed.
+            let std = (v.stats[c + index % c] as f64 + EPS as f64).sqrt();
+            if std < MIN_PROBED_STD {
+                continue;
+            }
             tally(check_input(&layer, &v, &upstream, &dx, index));
         }
 
