@@ -25,34 +25,81 @@ pub const CHECKPOINT_VERSION: u32 = 1;
 /// Metadata key of the checksum, stored as 8 lowercase hex digits.
 const CHECKSUM_KEY: &str = "crc32";
 
+/// The two kinds of safetensors file that ldnc writes, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A training checkpoint that `ldnc train` writes.
+    Checkpoint,
+    /// An evaluation-only export that `ldnc export` writes.
+    Export,
+}
+
+impl FileKind {
+    /// Returns what to do about a file of this kind that does not parse.
+    fn remedy(self) -> &'static str {
+        match self {
+            FileKind::Checkpoint => {
+                "pass the checkpoint.safetensors that `ldnc train` wrote (or its run folder)"
+            }
+            FileKind::Export => "export the checkpoint again with `ldnc export`",
+        }
+    }
+
+    /// Returns what to do about a file of this kind whose checksum fails.
+    fn damage_remedy(self) -> &'static str {
+        match self {
+            FileKind::Checkpoint => "restore an earlier copy of the checkpoint or retrain",
+            FileKind::Export => "export the checkpoint again with `ldnc export`",
+        }
+    }
+}
+
+impl std::fmt::Display for FileKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FileKind::Checkpoint => "checkpoint",
+            FileKind::Export => "export",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("cannot write checkpoint {path}")]
+    #[error("cannot write {kind} {path}")]
     Write {
+        kind: FileKind,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read checkpoint {path}")]
+    #[error("cannot read {kind} {path}")]
     Read {
+        kind: FileKind,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     /// A file that does not parse as safetensors, such as another kind of file
-    /// or a checkpoint cut short.
-    #[error(
-        "{path} is not a checkpoint or is truncated: {reason}; pass the \
-         checkpoint.safetensors that `ldnc train` wrote (or its run folder)"
-    )]
-    NotCheckpoint { path: PathBuf, reason: String },
-    #[error("{path} is not a valid ldnc checkpoint: {message}")]
-    Format { path: PathBuf, message: String },
+    /// or a file cut short.
+    #[error("{path} is not {} {kind} or is truncated: {reason}; {}", article(*kind), kind.remedy())]
+    NotCheckpoint {
+        kind: FileKind,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{path} is not a valid ldnc {kind}: {message}")]
+    Format {
+        kind: FileKind,
+        path: PathBuf,
+        message: String,
+    },
     #[error(
         "{path} is damaged: the CRC32 of its contents is {computed:08x}, but it was written \
-         with {stored:08x}; restore an earlier copy of the checkpoint or retrain"
+         with {stored:08x}; {}",
+        kind.damage_remedy()
     )]
     Damaged {
+        kind: FileKind,
         path: PathBuf,
         stored: u32,
         computed: u32,
@@ -71,6 +118,14 @@ pub enum CheckpointError {
          with"
     )]
     Mismatch { path: PathBuf, message: String },
+}
+
+/// Returns the indefinite article of `kind`'s noun.
+fn article(kind: FileKind) -> &'static str {
+    match kind {
+        FileKind::Checkpoint => "a",
+        FileKind::Export => "an",
+    }
 }
 
 /// Training position and provenance stored with the tensors.
@@ -102,17 +157,19 @@ pub fn save(path: &Path, store: &Store, meta: &Meta) -> Result<(), CheckpointErr
     info.insert("step".to_string(), meta.step.to_string());
     info.insert("seed".to_string(), meta.seed.to_string());
     info.insert("config".to_string(), meta.config_json.clone());
-    write_file(path, store, info)
+    write_file(FileKind::Checkpoint, path, store, info)
 }
 
 /// Writes every tensor of `store` with the metadata `info` and its checksum to
 /// `path` atomically, as a safetensors file.
 pub(crate) fn write_file(
+    kind: FileKind,
     path: &Path,
     store: &Store,
     mut info: HashMap<String, String>,
 ) -> Result<(), CheckpointError> {
     let write_err = |source| CheckpointError::Write {
+        kind,
         path: path.to_path_buf(),
         source,
     };
@@ -138,6 +195,7 @@ pub(crate) fn write_file(
     info.insert(CHECKSUM_KEY.to_string(), format!("{crc:08x}"));
     let encoded = safetensors::tensor::serialize(views, &Some(info))
         .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
+    let encoded = sort_header(&encoded).map_err(|e| write_err(std::io::Error::other(e)))?;
 
     let dir = path
         .parent()
@@ -160,12 +218,47 @@ pub(crate) fn write_file(
     result.map_err(write_err)
 }
 
+/// Rewrites the JSON header of the safetensors bytes `encoded` with its keys
+/// and metadata keys in sorted order, so the same tensors and metadata give
+/// the same bytes. safetensors takes the metadata as a `HashMap`, whose order
+/// changes from run to run. The header keeps the format's layout: an 8-byte
+/// little-endian length, then JSON padded with spaces to a multiple of 8
+/// bytes, then the tensor data, whose offsets count from the data's start.
+fn sort_header(encoded: &[u8]) -> Result<Vec<u8>, String> {
+    let length = encoded
+        .get(..8)
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+        .map(u64::from_le_bytes)
+        .ok_or("the serialised file is shorter than its header length")?;
+    let end = usize::try_from(length)
+        .ok()
+        .and_then(|length| length.checked_add(8))
+        .filter(|&end| end <= encoded.len())
+        .ok_or("the serialised header length exceeds the file")?;
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&encoded[8..end]).map_err(|e| e.to_string())?;
+    if let Some(metadata) = header.remove("__metadata__") {
+        let sorted: BTreeMap<String, String> =
+            serde_json::from_value(metadata).map_err(|e| e.to_string())?;
+        let sorted = serde_json::to_value(sorted).map_err(|e| e.to_string())?;
+        header.insert("__metadata__".into(), sorted);
+    }
+    let mut text = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + encoded.len() - end);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&encoded[end..]);
+    Ok(out)
+}
+
 /// Checkpoint tensors by name: shape and data.
 pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Reads the whole file `path`.
-pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, CheckpointError> {
+pub(crate) fn read_bytes(kind: FileKind, path: &Path) -> Result<Vec<u8>, CheckpointError> {
     std::fs::read(path).map_err(|source| CheckpointError::Read {
+        kind,
         path: path.to_path_buf(),
         source,
     })
@@ -173,11 +266,13 @@ pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, CheckpointError> {
 
 /// Parses the metadata of `bytes`, the contents of the safetensors file `path`.
 pub(crate) fn parse_info(
+    kind: FileKind,
     path: &Path,
     bytes: &[u8],
 ) -> Result<HashMap<String, String>, CheckpointError> {
     let (_, header) =
         SafeTensors::read_metadata(bytes).map_err(|error| CheckpointError::NotCheckpoint {
+            kind,
             path: path.to_path_buf(),
             reason: describe(&error),
         })?;
@@ -187,23 +282,26 @@ pub(crate) fn parse_info(
 /// Parses the tensors of `bytes`, the contents of the safetensors file `path`
 /// with metadata `info`, and checks them against the stored checksum.
 pub(crate) fn parse_tensors(
+    kind: FileKind,
     path: &Path,
     bytes: &[u8],
     info: &HashMap<String, String>,
 ) -> Result<Tensors, CheckpointError> {
     let tensors =
         SafeTensors::deserialize(bytes).map_err(|error| CheckpointError::NotCheckpoint {
+            kind,
             path: path.to_path_buf(),
             reason: describe(&error),
         })?;
     let mut views = tensors.tensors();
     views.sort_by(|a, b| a.0.cmp(&b.0));
-    verify(path, info, &views)?;
+    verify(kind, path, info, &views)?;
 
     let mut out = HashMap::new();
     for (name, view) in views {
         if view.dtype() != Dtype::F32 {
             return Err(CheckpointError::Format {
+                kind,
                 path: path.to_path_buf(),
                 message: format!("tensor {name} is {:?}, expected F32", view.dtype()),
             });
@@ -220,12 +318,14 @@ pub(crate) fn parse_tensors(
 
 /// Reads a checkpoint's tensors and metadata.
 pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
+    let kind = FileKind::Checkpoint;
     let format = |message: String| CheckpointError::Format {
+        kind,
         path: path.to_path_buf(),
         message,
     };
-    let bytes = read_bytes(path)?;
-    let info = parse_info(path, &bytes)?;
+    let bytes = read_bytes(kind, path)?;
+    let info = parse_info(kind, path, &bytes)?;
     let version = info
         .get("ldnc_checkpoint")
         .cloned()
@@ -255,7 +355,7 @@ pub fn load(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
         seed: number("seed")?,
         config_json: field("config")?,
     };
-    let tensors = parse_tensors(path, &bytes, &info)?;
+    let tensors = parse_tensors(kind, path, &bytes, &info)?;
     Ok((tensors, meta))
 }
 
@@ -295,13 +395,26 @@ fn checksum<'a>(
 
 /// Checks the stored checksum against the loaded metadata and tensors, which
 /// must be in name order as [`save`] wrote them. A checkpoint without a
-/// checksum was written by an older ldnc and loads with a warning.
+/// checksum was written by an older ldnc and loads with a warning. Every
+/// export has one, so an export without it is rejected.
 fn verify(
+    kind: FileKind,
     path: &Path,
     info: &HashMap<String, String>,
     views: &[(String, TensorView<'_>)],
 ) -> Result<(), CheckpointError> {
     let Some(text) = info.get(CHECKSUM_KEY) else {
+        if kind == FileKind::Export {
+            return Err(CheckpointError::Format {
+                kind,
+                path: path.to_path_buf(),
+                message: format!(
+                    "it has no `{CHECKSUM_KEY}` checksum, which every export has, so it was \
+                     altered after `ldnc export` wrote it; {}",
+                    kind.remedy()
+                ),
+            });
+        }
         tracing::warn!(
             "{} has no `{CHECKSUM_KEY}` checksum because an older ldnc wrote it, so its \
              tensors load unverified; the next checkpoint that training writes will have one",
@@ -310,6 +423,7 @@ fn verify(
         return Ok(());
     };
     let stored = u32::from_str_radix(text, 16).map_err(|_| CheckpointError::Format {
+        kind,
         path: path.to_path_buf(),
         message: format!("metadata key `{CHECKSUM_KEY}` is `{text}`, not 8 hex digits"),
     })?;
@@ -319,6 +433,7 @@ fn verify(
     let computed = checksum(info, tensors);
     if computed != stored {
         return Err(CheckpointError::Damaged {
+            kind,
             path: path.to_path_buf(),
             stored,
             computed,
@@ -431,6 +546,17 @@ mod tests {
         restored.entries.values_mut().for_each(|e| e.data.fill(0.0));
         restore(&path, &mut restored, tensors).expect("restore");
         assert_eq!(restored, store());
+    }
+
+    #[test]
+    fn same_contents_give_same_bytes() {
+        let (dir, path) = saved();
+        let again = dir.path().join("again.safetensors");
+        save(&again, &store(), &meta()).expect("second save");
+        let first = std::fs::read(&path).expect("first file");
+        let second = std::fs::read(&again).expect("second file");
+        assert_eq!(first, second);
+        load(&again).expect("a file with a rewritten header loads");
     }
 
     #[test]

@@ -5,10 +5,15 @@
 //! [`crate::freeze`]). With fusion on, every conv that a batch norm follows is
 //! stored with the batch norm folded in, as `NAME.folded` weights and
 //! `NAME.folded_bias` biases. The folded batch norms' statistics and affine
-//! parameters are left out, and so are optimizer states. The metadata keys
-//! are `ldnc_export` (the format version), `network`, `spec` (the network spec
-//! as JSON), `program` (the frozen program as JSON), `epoch` (epochs the source
-//! checkpoint had completed) and the `crc32` checksum that checkpoints carry.
+//! parameters are left out, and so are optimizer states.
+//!
+//! The metadata keys are:
+//! - `ldnc_export`: the format version;
+//! - `network`, and `spec`: the network spec as JSON;
+//! - `program`: the frozen program as JSON;
+//! - `epoch`: epochs the source checkpoint had completed;
+//! - `fused`: `true` unless exported with `--no-fuse`;
+//! - `crc32`: the checksum that checkpoints carry too.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +21,7 @@ use std::path::Path;
 use ldnc_ir::program::Program;
 use ldnc_ir::spec::NetSpec;
 
-use crate::checkpoint::{self, CheckpointError};
+use crate::checkpoint::{self, CheckpointError, FileKind};
 use crate::freeze::Frozen;
 use crate::store::{Entry, Store};
 
@@ -33,18 +38,24 @@ pub struct Export {
     pub frozen: Frozen,
     /// Epochs the source checkpoint had completed.
     pub epoch: usize,
+    /// Whether the exported program is the fused one, with batch norms folded.
+    pub fused: bool,
 }
 
+const KIND: FileKind = FileKind::Export;
+
 /// Writes `frozen`, the frozen evaluation program of `spec` after `epoch`
-/// epochs, to `path` atomically.
+/// epochs, to `path` atomically. `fused` is true for the fused program.
 pub fn save(
     path: &Path,
     spec: &NetSpec,
     frozen: &Frozen,
     epoch: usize,
+    fused: bool,
 ) -> Result<(), CheckpointError> {
     let json = |value: serde_json::Result<String>| {
         value.map_err(|error| CheckpointError::Write {
+            kind: KIND,
             path: path.to_path_buf(),
             source: std::io::Error::other(error),
         })
@@ -58,42 +69,54 @@ pub fn save(
         json(serde_json::to_string(&frozen.program))?,
     );
     info.insert("epoch".to_string(), epoch.to_string());
-    checkpoint::write_file(path, &frozen.store, info)
+    info.insert("fused".to_string(), fused.to_string());
+    checkpoint::write_file(KIND, path, &frozen.store, info)
 }
 
 /// Checks whether `path` is an export rather than a training checkpoint. A file
-/// that cannot be read or parsed is not an export, and loading it as a
-/// checkpoint reports why.
+/// whose header names the export format version is one, also when the file is
+/// cut short inside its header. A file that cannot be read is not, and loading
+/// it as a checkpoint reports why.
 pub fn is_export(path: &Path) -> bool {
-    read_header(path).is_some_and(|header| header["__metadata__"].get(VERSION_KEY).is_some())
-}
-
-/// Reads the JSON header of the safetensors file `path` alone: an 8-byte
-/// little-endian length, then that many bytes of JSON, as the safetensors
-/// format defines it.
-fn read_header(path: &Path) -> Option<serde_json::Value> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).ok()?;
-    let mut length = [0u8; 8];
-    file.read_exact(&mut length).ok()?;
-    let length = u64::from_le_bytes(length);
-    let size = file.metadata().ok()?.len();
-    if length > size.saturating_sub(8) {
-        return None;
+    let Some(header) = read_header(path) else {
+        return false;
+    };
+    match serde_json::from_slice::<serde_json::Value>(&header) {
+        Ok(header) => header["__metadata__"].get(VERSION_KEY).is_some(),
+        Err(_) => {
+            let key = format!("\"{VERSION_KEY}\"");
+            header.windows(key.len()).any(|w| w == key.as_bytes())
+        }
     }
-    let mut header = vec![0u8; usize::try_from(length).ok()?];
-    file.read_exact(&mut header).ok()?;
-    serde_json::from_slice(&header).ok()
 }
 
-/// Reads an export written by [`save`].
+/// Reads the JSON header of the safetensors file `path`, or as much of it as
+/// the file holds: the format starts with an 8-byte little-endian length and
+/// then that many bytes of JSON.
+fn read_header(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).ok()?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut length = [0u8; 8];
+    reader.read_exact(&mut length).ok()?;
+    let mut header = Vec::new();
+    reader
+        .take(u64::from_le_bytes(length))
+        .read_to_end(&mut header)
+        .ok()?;
+    Some(header)
+}
+
+/// Reads an export written by [`save`]. The checksum is verified before the
+/// program is parsed, so a damaged file is reported as damaged.
 pub fn load(path: &Path) -> Result<Export, CheckpointError> {
     let format = |message: String| CheckpointError::Format {
+        kind: KIND,
         path: path.to_path_buf(),
         message,
     };
-    let bytes = checkpoint::read_bytes(path)?;
-    let info = checkpoint::parse_info(path, &bytes)?;
+    let bytes = checkpoint::read_bytes(KIND, path)?;
+    let info = checkpoint::parse_info(KIND, path, &bytes)?;
     let version = info.get(VERSION_KEY).map(String::as_str).unwrap_or("none");
     if version != EXPORT_VERSION.to_string() {
         return Err(format(format!(
@@ -101,6 +124,7 @@ pub fn load(path: &Path) -> Result<Export, CheckpointError> {
              export the checkpoint again with this ldnc"
         )));
     }
+    let mut tensors = checkpoint::parse_tensors(KIND, path, &bytes, &info)?;
     let field = |key: &str| {
         info.get(key)
             .ok_or_else(|| format(format!("metadata key `{key}` is missing")))
@@ -115,7 +139,9 @@ pub fn load(path: &Path) -> Result<Export, CheckpointError> {
     let epoch = field("epoch")?
         .parse()
         .map_err(|_| format("metadata key `epoch` is not a number".into()))?;
-    let mut tensors = checkpoint::parse_tensors(path, &bytes, &info)?;
+    let fused = field("fused")?
+        .parse()
+        .map_err(|_| format("metadata key `fused` is not `true` or `false`".into()))?;
 
     let mut store = Store::default();
     for value in program.persistent() {
@@ -151,5 +177,6 @@ pub fn load(path: &Path) -> Result<Export, CheckpointError> {
             precomputed: Vec::new(),
         },
         epoch,
+        fused,
     })
 }

@@ -320,6 +320,61 @@ fn export_evaluates_like_checkpoint() {
         "{}",
         stderr(&out)
     );
+
+    // An unfused export says so and accepts --no-fuse.
+    let unfused = ["export", "run", "--out", "unfused.safetensors", "--no-fuse"];
+    let out = ldnc(&unfused, dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let args = [
+        "eval",
+        "unfused.safetensors",
+        "--data",
+        &data,
+        "--json",
+        "--no-fuse",
+    ];
+    let out = ldnc(&args, dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(result["fused"], false);
+    assert_eq!(result["export"], "unfused.safetensors");
+    assert_eq!(result["top1_accuracy"], trained["top1_accuracy"]);
+
+    // A damaged export names the remedy for exports.
+    let mut bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(dir.path().join("damaged.safetensors"), bytes).unwrap();
+    let out = ldnc(
+        &["eval", "damaged.safetensors", "--data", &data],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is damaged"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("export the checkpoint again"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = ldnc(
+        &["export", "run", "--out", "nodir/model.safetensors"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the folder nodir does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    let out = ldnc(&["export", "empty", "--out", "x.safetensors"], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("has no checkpoint.safetensors"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

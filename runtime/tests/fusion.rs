@@ -470,12 +470,13 @@ proptest! {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("export.safetensors");
-        export::save(&path, &spec, &frozen, 3).unwrap();
+        export::save(&path, &spec, &frozen, 3, true).unwrap();
         let loaded = export::load(&path).unwrap();
         prop_assert_eq!(&loaded.frozen.program, &frozen.program);
         prop_assert_eq!(&loaded.frozen.store, &frozen.store);
         prop_assert_eq!(&loaded.spec, &spec);
         prop_assert_eq!(loaded.epoch, 3);
+        prop_assert!(loaded.fused);
 
         let mut logits = Vec::new();
         for (program, mut store) in [(folded, store), (loaded.frozen.program, loaded.frozen.store)] {

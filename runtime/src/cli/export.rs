@@ -24,7 +24,8 @@ use super::train::checkpoint_file;
 pub struct ExportArgs {
     /// A checkpoint written by `ldnc train` (a file, or the run folder).
     pub checkpoint: PathBuf,
-    /// File to write (safetensors), for example `model.safetensors`.
+    /// File to write (safetensors), for example `model.safetensors`, or an
+    /// existing folder to write `RUN.safetensors` in, named after the run folder.
     #[arg(long, short)]
     pub out: PathBuf,
     /// Export the unfused evaluation program, whose batch norms are not folded.
@@ -49,14 +50,14 @@ pub fn export(args: &ExportArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
             path.display()
         );
     }
-    let same_file = args
-        .out
+    let out_path = output_file(&args.out, &path)?;
+    let same_file = out_path
         .canonicalize()
         .is_ok_and(|out| path.canonicalize().is_ok_and(|source| source == out));
     if same_file {
         bail!(
             "--out {} is the checkpoint itself; choose another file name",
-            args.out.display()
+            out_path.display()
         );
     }
     let (tensors, meta) = checkpoint::load(&path)?;
@@ -82,7 +83,7 @@ pub fn export(args: &ExportArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
     checkpoint::restore(&path, &mut store, tensors)?;
     let frozen = freeze(&net.eval, &store, KernelSet::Fast)
         .with_context(|| format!("cannot freeze the evaluation program of {}", spec.name))?;
-    export::save(&args.out, &spec, &frozen, meta.epoch)?;
+    export::save(&out_path, &spec, &frozen, meta.epoch, !args.no_fuse)?;
 
     let tensors = frozen.store.entries.len();
     let scalars: usize = frozen.store.entries.values().map(|e| e.data.len()).sum();
@@ -93,14 +94,14 @@ pub fn export(args: &ExportArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
         .filter(|e| e.role == Role::Param)
         .map(|e| e.data.len())
         .sum();
-    let bytes = std::fs::metadata(&args.out)
+    let bytes = std::fs::metadata(&out_path)
         .map(|m| m.len())
-        .with_context(|| format!("cannot read back {}", args.out.display()))?;
+        .with_context(|| format!("cannot read back {}", out_path.display()))?;
     let mut out = io::stdout().lock();
     if args.json {
         let result = serde_json::json!({
             "checkpoint": path.display().to_string(),
-            "export": args.out.display().to_string(),
+            "export": out_path.display().to_string(),
             "network": spec.name,
             "epoch": meta.epoch,
             "fused": !args.no_fuse,
@@ -119,7 +120,7 @@ pub fn export(args: &ExportArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
         "exported {} (epoch {}) to {}: {}, {} scalars, {:.1} MiB",
         spec.name,
         meta.epoch,
-        args.out.display(),
+        out_path.display(),
         plural(tensors, "tensor"),
         scalars,
         bytes as f64 / (1024.0 * 1024.0)
@@ -131,4 +132,30 @@ pub fn export(args: &ExportArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
         plural(frozen.program.steps.len(), "step"),
     )?;
     Ok(())
+}
+
+/// Returns the file that `--out` names: `out` itself or, when `out` is a
+/// folder, `RUN.safetensors` in it, named after the checkpoint's run folder.
+/// The folder the file goes in must exist.
+fn output_file(out: &Path, checkpoint: &Path) -> Result<PathBuf> {
+    if out.is_dir() {
+        let stem = checkpoint
+            .parent()
+            .and_then(|run| run.file_name())
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        return Ok(out.join(format!("{stem}.safetensors")));
+    }
+    let folder = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        bail!(
+            "--out {}: the folder {} does not exist; create it or choose another file",
+            out.display(),
+            folder.display()
+        );
+    }
+    Ok(out.to_path_buf())
 }

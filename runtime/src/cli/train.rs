@@ -10,7 +10,7 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use ldnc_ir::program::CompiledNet;
 use ldnc_ir::spec::{LrSchedule, NetSpec};
@@ -494,31 +494,70 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
     checkpoint::restore(&path, &mut session.store, tensors)?;
     // The crop padding and flip only shape training batches, never evaluation.
     let pipeline = Pipeline::for_dataset(data_spec.kind, spec.input, 0, false)?;
-    session.check_data(data, &pipeline)?;
+    session
+        .check_data(data, &pipeline)
+        .map_err(|error| unfit_data(error, &path, data))?;
     let evaluation = session.evaluate(data, &pipeline.eval, args.batch)?;
-    let program = if args.no_fuse { "unfused" } else { "fused" };
-    report_evaluation(args, &path, &spec, data, &pipeline, &evaluation, program)
+    let source = EvalSource {
+        path: &path,
+        export: false,
+        fused: !args.no_fuse,
+    };
+    report_evaluation(args, &source, &spec, data, &pipeline, &evaluation)
+}
+
+/// The file an evaluation ran from and the program it ran.
+struct EvalSource<'a> {
+    path: &'a Path,
+    /// An export that `ldnc export` wrote, rather than a checkpoint.
+    export: bool,
+    /// Whether the program was the fused one.
+    fused: bool,
+}
+
+/// Rewords a dataset that does not fit the network for evaluation, where the
+/// network is fixed by the file at `path`, so the training advice to change
+/// the network file does not apply.
+fn unfit_data(error: train::TrainError, path: &Path, data: Data) -> anyhow::Error {
+    match error {
+        train::TrainError::InputShape { got, expected } => anyhow!(
+            "the network in {} takes {expected} images, but {} has {got} images; evaluate it on \
+             a dataset of {expected} images",
+            path.display(),
+            data.name()
+        ),
+        train::TrainError::Classes { got, expected } => anyhow!(
+            "the network in {} predicts {expected} classes, but {} has {got}; evaluate it on a \
+             dataset with {expected} classes",
+            path.display(),
+            data.name()
+        ),
+        other => other.into(),
+    }
 }
 
 /// Prints an evaluation as a table, or as one JSON object with `--json`.
-/// `program` names what ran: `fused`, `unfused` or `export`.
 fn report_evaluation(
     args: &EvalArgs,
-    path: &Path,
+    source: &EvalSource,
     spec: &NetSpec,
     data: Data,
     pipeline: &Pipeline,
     evaluation: &Evaluation,
-    program: &str,
 ) -> Result<()> {
     let segmentation = data.is_segmentation();
+    let (file_key, program) = match (source.export, source.fused) {
+        (true, _) => ("export", "export"),
+        (false, true) => ("checkpoint", "fused"),
+        (false, false) => ("checkpoint", "unfused"),
+    };
     let mut result = serde_json::json!({
-        "checkpoint": path.display().to_string(),
+        file_key: source.path.display().to_string(),
         "network": spec.name,
         "dataset": data.name(),
         "evaluated_on": pipeline.eval.describe(),
         "loss": evaluation.loss,
-        "fused": program != "unfused",
+        "fused": source.fused,
         "program": program,
     });
     let fields = if segmentation {
@@ -553,33 +592,44 @@ pub fn checkpoint_file(given: &Path) -> Result<PathBuf> {
             given.display()
         );
     }
-    Ok(if given.is_dir() {
-        RunFiles {
-            dir: given.to_path_buf(),
-        }
-        .checkpoint()
-    } else {
-        given.to_path_buf()
-    })
+    if !given.is_dir() {
+        return Ok(given.to_path_buf());
+    }
+    let checkpoint = RunFiles {
+        dir: given.to_path_buf(),
+    }
+    .checkpoint();
+    if !checkpoint.exists() {
+        bail!(
+            "the folder {} has no {}; pass the --out folder of a run that `ldnc train` \
+             finished at least one epoch of, or a checkpoint file",
+            given.display(),
+            checkpoint
+                .file_name()
+                .map(|name| name.to_string_lossy())
+                .unwrap_or_default()
+        );
+    }
+    Ok(checkpoint)
 }
 
 /// Evaluates an export that `ldnc export` wrote: its frozen program runs as
 /// stored, so `--no-fuse` does not apply.
 fn evaluate_export(args: &EvalArgs, path: &Path) -> Result<()> {
-    if args.no_fuse {
+    let loaded = export::load(path)?;
+    if args.no_fuse && loaded.fused {
         bail!(
-            "{} is an export, whose program is fixed when it is written, so --no-fuse cannot \
-             apply; export the checkpoint with `ldnc export --no-fuse`, or evaluate the \
-             checkpoint itself",
+            "{} is an export of the fused program, fixed when it was written, so --no-fuse \
+             cannot apply; export the checkpoint with `ldnc export --no-fuse`, or evaluate the \
+             checkpoint itself with --no-fuse",
             path.display()
         );
     }
-    let loaded = export::load(path)?;
     let spec = loaded.spec;
     let (data_spec, source_data) = open_data(&args.data)?;
     let data = Data::from(&source_data);
     let pipeline = Pipeline::for_dataset(data_spec.kind, spec.input, 0, false)?;
-    check_data(&spec, data, &pipeline)?;
+    check_data(&spec, data, &pipeline).map_err(|error| unfit_data(error, path, data))?;
     let evaluation = evaluate_frozen(
         &spec,
         loaded.frozen,
@@ -588,7 +638,12 @@ fn evaluate_export(args: &EvalArgs, path: &Path) -> Result<()> {
         &pipeline.eval,
         args.batch,
     )?;
-    report_evaluation(args, path, &spec, data, &pipeline, &evaluation, "export")
+    let source = EvalSource {
+        path,
+        export: true,
+        fused: loaded.fused,
+    };
+    report_evaluation(args, &source, &spec, data, &pipeline, &evaluation)
 }
 
 /// Collects the JSON fields of a classification evaluation.
