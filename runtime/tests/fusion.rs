@@ -364,6 +364,25 @@ fn eval_program(spec: &NetSpec, fused: bool) -> Program {
     lower(&planned.graph, &planned.schedule, &planned.roots)
 }
 
+/// Runs the evaluation `program` once on `images` and returns every head's
+/// logits.
+fn head_logits(
+    program: Program,
+    store: &mut Store,
+    images: &[f32],
+    labels: &[f32],
+) -> Vec<Vec<f32>> {
+    let n = labels.len();
+    let heads = program.logits.clone();
+    let mut exec = Executor::new(program, n, KernelSet::Reference).unwrap();
+    let params = StepParams { lr: 0.0, seed: 0 };
+    exec.run(store, images, labels, n, params).unwrap();
+    heads
+        .iter()
+        .map(|&h| exec.value(store, h).unwrap().to_vec())
+        .collect()
+}
+
 /// Draws every running statistic and batch-norm affine parameter, because
 /// their initial values (mean 0, variance 1, gamma 1, beta 0) make an
 /// evaluation-mode batch norm nearly the identity and would hide a wrong fold.
@@ -421,15 +440,10 @@ proptest! {
 
         let mut store = Store::init(&[&unfolded], seed);
         randomise_batch_norm(&mut store, seed);
-        let mut logits = Vec::new();
-        for program in [unfolded, folded] {
-            let heads = program.logits.clone();
-            let mut exec = Executor::new(program, n, KernelSet::Reference).unwrap();
-            exec.run(&mut store, &images, &labels, n, StepParams { lr: 0.0, seed: 0 }).unwrap();
-            let values: Vec<Vec<f32>> =
-                heads.iter().map(|&h| exec.value(&store, h).unwrap().to_vec()).collect();
-            logits.push(values);
-        }
+        let logits: Vec<Vec<Vec<f32>>> = [unfolded, folded]
+            .into_iter()
+            .map(|program| head_logits(program, &mut store, &images, &labels))
+            .collect();
         prop_assert_eq!(logits[0].len(), logits[1].len());
         for (unfolded, folded) in logits[0].iter().zip(&logits[1]) {
             for (a, b) in unfolded.iter().zip(folded) {
@@ -478,15 +492,11 @@ proptest! {
         prop_assert_eq!(loaded.epoch, 3);
         prop_assert!(loaded.fused);
 
-        let mut logits = Vec::new();
-        for (program, mut store) in [(folded, store), (loaded.frozen.program, loaded.frozen.store)] {
-            let heads = program.logits.clone();
-            let mut exec = Executor::new(program, n, KernelSet::Reference).unwrap();
-            exec.run(&mut store, &images, &labels, n, StepParams { lr: 0.0, seed: 0 }).unwrap();
-            let values: Vec<Vec<f32>> =
-                heads.iter().map(|&h| exec.value(&store, h).unwrap().to_vec()).collect();
-            logits.push(values);
-        }
+        let mut frozen_store = loaded.frozen.store;
+        let logits = [
+            head_logits(folded, &mut store, &images, &labels),
+            head_logits(loaded.frozen.program, &mut frozen_store, &images, &labels),
+        ];
         prop_assert_eq!(&logits[0], &logits[1]);
     }
 }
