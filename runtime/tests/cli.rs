@@ -593,6 +593,63 @@ fn resume_rejects_changed_settings() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// `--resume` takes a run folder or its checkpoint.safetensors, and names
+/// exports and other files as what they are.
+#[test]
+fn resume_explains_files_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_tiny_run(dir.path());
+    let export = ["export", "run", "--out", "model.safetensors"];
+    let out = ldnc(&export, dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::create_dir(dir.path().join("exported")).unwrap();
+    std::fs::copy(
+        dir.path().join("model.safetensors"),
+        dir.path().join("exported/checkpoint.safetensors"),
+    )
+    .unwrap();
+
+    let net = repo().join("examples/quickstart.ron");
+    let resume = |given: &str| {
+        let mut args = vec![
+            "train",
+            net.to_str().unwrap(),
+            "--data",
+            &data,
+            "--resume",
+            given,
+            "--epochs",
+            "2",
+            "-q",
+        ];
+        args.extend(SMALL);
+        ldnc(&args, dir.path())
+    };
+    let cases = [
+        (
+            "model.safetensors",
+            "--resume model.safetensors is an export",
+        ),
+        (
+            "exported",
+            "--resume exported: its checkpoint.safetensors is an export",
+        ),
+        ("run/metrics.jsonl", "is a file, not a run folder"),
+    ];
+    for (given, expected) in cases {
+        let out = resume(given);
+        assert!(!out.status.success(), "{given} resumed");
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{given}: {err}");
+        assert!(!err.contains("checkpoint format"), "{given}: {err}");
+    }
+
+    let out = resume("run/checkpoint.safetensors");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+}
+
 #[test]
 fn resume_takes_quiet_from_command_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -92,7 +92,8 @@ pub struct TrainOptions {
     /// Folder for checkpoints, metrics and plots.
     #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
-    /// Continue the run in this folder from its last checkpoint.
+    /// Continue the run in this folder from its last checkpoint (the folder, or
+    /// its checkpoint.safetensors).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
     /// Seed for weights, data order, augmentation and dropout.
@@ -165,16 +166,11 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
     });
     let cuda = parse_device(&device)?;
     let (spec, config, start, out, stored) = match &args.resume {
-        Some(dir) => {
-            let resumed = resume_settings(source, args, dir, quiet)?;
+        Some(given) => {
+            let dir = resume_folder(given)?;
+            let resumed = resume_settings(source, args, &dir, quiet)?;
             let stored = Some((resumed.checkpoint, resumed.tensors));
-            (
-                resumed.spec,
-                resumed.config,
-                resumed.start,
-                dir.clone(),
-                stored,
-            )
+            (resumed.spec, resumed.config, resumed.start, dir, stored)
         }
         None => {
             let spec = source.spec.clone();
@@ -371,20 +367,65 @@ struct Resumed {
     tensors: checkpoint::Tensors,
 }
 
-/// Reads the checkpoint in `dir` and applies the flags that may change on
-/// resuming: `--epochs`, `--max-steps` and `-q`.
+/// Returns the run folder that `--resume` names: the folder itself, or the
+/// parent of a run's `checkpoint.safetensors`. Rejects other files, and
+/// exports, which lack the optimizer state and unfolded batch norms that
+/// training needs.
+fn resume_folder(given: &Path) -> Result<PathBuf> {
+    // `subject` names the export: the file given, or the run folder's checkpoint.
+    let export_error = |subject: String| {
+        anyhow::anyhow!(
+            "--resume {subject} is an export of evaluation-only tensors, written by \
+             `ldnc export`, and cannot be resumed; resume from the run folder that `ldnc train` \
+             wrote"
+        )
+    };
+    if given.is_dir() {
+        let checkpoint = RunFiles {
+            dir: given.to_path_buf(),
+        }
+        .checkpoint();
+        if export::is_export(&checkpoint) {
+            let subject = format!("{}: its checkpoint.safetensors", given.display());
+            return Err(export_error(subject));
+        }
+        return Ok(given.to_path_buf());
+    }
+    if !given.exists() {
+        bail!(
+            "--resume {}: the folder does not exist; pass the --out folder of the run to continue",
+            given.display()
+        );
+    }
+    if export::is_export(given) {
+        return Err(export_error(given.display().to_string()));
+    }
+    let parent = given.parent().unwrap_or(Path::new(""));
+    let run = RunFiles {
+        dir: parent.to_path_buf(),
+    };
+    if run.checkpoint() != given {
+        bail!(
+            "--resume {} is a file, not a run folder; pass the --out folder of the run to \
+             continue, which contains its checkpoint.safetensors",
+            given.display()
+        );
+    }
+    // A bare `checkpoint.safetensors` has an empty parent: the current folder.
+    if parent.as_os_str().is_empty() {
+        return Ok(PathBuf::from("."));
+    }
+    Ok(run.dir)
+}
+
+/// Reads the checkpoint in the run folder `dir` and applies the flags that may
+/// change on resuming: `--epochs`, `--max-steps` and `-q`.
 fn resume_settings(
     source: &NetSource,
     args: &TrainOptions,
     dir: &Path,
     quiet: bool,
 ) -> Result<Resumed> {
-    if !dir.is_dir() {
-        bail!(
-            "--resume {}: the folder does not exist; pass the --out folder of the run to continue",
-            dir.display()
-        );
-    }
     let path = RunFiles {
         dir: dir.to_path_buf(),
     }
