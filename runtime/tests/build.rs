@@ -263,6 +263,45 @@ fn built_executable_trains_evaluates_and_inspects() {
     assert!(message.contains("is damaged"), "{message}");
 }
 
+/// A checkpoint of another network is rejected by the executable's `eval` and
+/// `export`, with the fields that differ and both values.
+#[test]
+fn other_network_checkpoint_names_fields() {
+    let work = TempDir::new().expect("temp dir");
+    let exe = build_quickstart(work.path(), "quickstart", &[]);
+    write_tiny_dataset(&work.path().join("tiny"), 32, 16);
+    let net = quickstart();
+    let train_args = [
+        "train",
+        net.to_str().expect("UTF-8 path"),
+        "--data",
+        "fashion-mnist:tiny",
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--set",
+        "blocks=[1,1,1]",
+        "--out",
+        "small",
+        "-q",
+    ];
+    run_ok(Path::new(LDNC), &train_args, work.path());
+
+    let commands: [&[&str]; 2] = [
+        &["eval", "small", "--data", "fashion-mnist:tiny"],
+        &["export", "small", "--out", "small.safetensors"],
+    ];
+    for args in commands {
+        let message = run_err(&exe, args, work.path());
+        assert!(message.contains("different network"), "{message}");
+        assert!(
+            message.contains("blocks: [1, 1, 1] in the checkpoint, ["),
+            "{message}"
+        );
+    }
+}
+
 #[test]
 fn builds_are_byte_identical() {
     let first = TempDir::new().expect("temp dir");

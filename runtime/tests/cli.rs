@@ -651,6 +651,22 @@ fn resume_explains_files_and_exports() {
 }
 
 #[test]
+fn resume_names_network_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_tiny_run(dir.path());
+    let flags = ["--epochs", "2", "-q", "--set", "blocks=[2,1,1]"];
+    let out = resume_tiny_run(dir.path(), &data, &flags);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("different network"), "{err}");
+    assert!(
+        err.contains("blocks: [1, 1, 1] in the checkpoint, [2, 1, 1] here"),
+        "{err}"
+    );
+    assert!(!err.contains("growth:"), "{err}");
+}
+
+#[test]
 fn resume_takes_quiet_from_command_line() {
     let dir = tempfile::tempdir().unwrap();
     // The first run is quiet, so its stored configuration hides progress.

@@ -69,12 +69,12 @@ pub fn export(args: &ExportArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
     };
     let net = match embedded {
         Some((exe, compiled)) if compiled.spec != spec => bail!(
-            "{} was trained with a different network than the `{}` compiled into {} (its spec \
-             names `{}`); export it with `ldnc export` or with the executable that trained it",
+            "{} was trained with a different network than the `{}` compiled into {} ({}); \
+             export it with `ldnc export` or with the executable that trained it",
             path.display(),
             compiled.spec.name,
             exe.display(),
-            spec.name
+            super::spec_diff::describe_difference(&spec, &compiled.spec)
         ),
         Some((_, compiled)) if !args.no_fuse => compiled.clone(),
         _ => compile(&spec, options)?,

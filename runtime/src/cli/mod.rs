@@ -5,6 +5,7 @@ pub mod build;
 pub mod compile;
 pub mod export;
 pub mod inspect;
+pub mod spec_diff;
 pub mod train;
 
 use std::path::Path;

@@ -26,6 +26,7 @@ use ldnc_runtime::train::{
 
 use super::compile::{compile, CompileOptions};
 use super::plural;
+use super::spec_diff::describe_difference;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Kernels {
@@ -436,10 +437,11 @@ fn resume_settings(
         .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
     if source.spec.with_overrides(&[])? != spec {
         bail!(
-            "{} was trained with a different network than {}; resume with the same network \
-             file and --set flags, or the same compiled executable",
+            "{} was trained with a different network than {} ({}); resume with the same \
+             network file and --set flags, or the same compiled executable",
             path.display(),
-            source.origin.display()
+            source.origin.display(),
+            describe_difference(&spec, &source.spec)
         );
     }
     let mut config: TrainConfig = serde_json::from_str(&meta.config_json).with_context(|| {
@@ -521,12 +523,12 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
     };
     let compiled = match embedded {
         Some((exe, compiled)) if compiled.spec != spec => bail!(
-            "{} was trained with a different network than the `{}` compiled into {} (its spec \
-             names `{}`); evaluate it with `ldnc eval` or with the executable that trained it",
+            "{} was trained with a different network than the `{}` compiled into {} ({}); \
+             evaluate it with `ldnc eval` or with the executable that trained it",
             path.display(),
             compiled.spec.name,
             exe.display(),
-            spec.name
+            describe_difference(&spec, &compiled.spec)
         ),
         Some((_, compiled)) if !args.no_fuse => compiled.clone(),
         _ => compile(&spec, options)?,
