@@ -39,6 +39,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is a folder; pass a network file (.ron), e.g. examples/quickstart.ron")]
+    Folder { path: String },
+    #[error(
+        "{path} is not a RON text file but a binary file, e.g. a checkpoint; pass a network \
+         file (.ron), e.g. examples/quickstart.ron"
+    )]
+    NotText { path: String },
     #[error("{file}:{line}:{column}: {message}\n  hint: {hint}")]
     Syntax {
         file: String,

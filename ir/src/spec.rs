@@ -333,11 +333,21 @@ impl NetSpec {
 
     /// Reads, parses, applies `overrides` (`path=value` strings) and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<NetSpec> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.display().to_string(),
+        let name = path.display().to_string();
+        if path.is_dir() {
+            return Err(Error::Folder { path: name });
+        }
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: name.clone(),
             source,
         })?;
-        let spec = NetSpec::from_ron(&text, &path.display().to_string())?;
+        // Binary files such as checkpoints often contain NUL bytes even where
+        // their bytes happen to be valid UTF-8, and no RON syntax uses a raw NUL.
+        let text = match String::from_utf8(bytes) {
+            Ok(text) if !text.contains('\0') => text,
+            _ => return Err(Error::NotText { path: name }),
+        };
+        let spec = NetSpec::from_ron(&text, &name)?;
         let spec = spec.with_overrides(overrides)?;
         spec.validate()?;
         Ok(spec)

@@ -119,6 +119,30 @@ fn malformed_network_names_file_line_and_column() {
 }
 
 #[test]
+fn unreadable_network_files_named_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A safetensors file starts with the little-endian length of its header.
+    let mut checkpoint = 2u64.to_le_bytes().to_vec();
+    checkpoint.extend(b"{}\xff\xfe");
+    std::fs::write(dir.path().join("run.safetensors"), checkpoint).unwrap();
+    std::fs::create_dir(dir.path().join("runs")).unwrap();
+    let cases = [
+        ("run.safetensors", "run.safetensors is not a RON text file"),
+        ("runs", "runs is a folder; pass a network file (.ron)"),
+        ("nope.ron", "cannot read nope.ron: "),
+    ];
+    for (given, expected) in cases {
+        let out = ldnc(&["inspect", given], dir.path());
+        assert!(!out.status.success(), "{given} inspected");
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{given}: {err}");
+        assert_eq!(err.matches(given).count(), 1, "{given}: {err}");
+        assert!(!err.contains("UTF-8"), "{given}: {err}");
+        assert!(!err.contains("os error 21"), "{given}: {err}");
+    }
+}
+
+#[test]
 fn unknown_set_path_lists_fields() {
     let net = repo().join("examples/quickstart.ron");
     let out = ldnc(

@@ -12,11 +12,21 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use ldnc_ir::spec::NetSpec;
+use ldnc_ir::Error as IrError;
 
-/// Loads a network file with `--set` overrides applied and validated.
+/// Loads a network file with `--set` overrides applied and validated. Errors
+/// that already name the file are returned as they are, so that it is named once.
 pub fn load_spec(path: &Path, overrides: &[String]) -> Result<NetSpec> {
-    NetSpec::load(path, overrides)
-        .with_context(|| format!("cannot load network {}", path.display()))
+    match NetSpec::load(path, overrides) {
+        Ok(spec) => Ok(spec),
+        Err(
+            error @ (IrError::Io { .. }
+            | IrError::Folder { .. }
+            | IrError::NotText { .. }
+            | IrError::Syntax { .. }),
+        ) => Err(error.into()),
+        Err(error) => Err(error).with_context(|| format!("cannot load network {}", path.display())),
+    }
 }
 
 /// Parses a count flag such as `--batch` or `--epochs` that must be at least 1.
