@@ -542,6 +542,33 @@ fn damaged_checkpoint_is_rejected() {
 }
 
 #[test]
+fn out_file_rejected_before_data() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("taken"), "not a run").unwrap();
+    let net = repo().join("examples/quickstart.ron");
+    // The dataset folder does not exist, so only a check made before loading
+    // it can name --out.
+    let args = [
+        "train",
+        net.to_str().unwrap(),
+        "--data",
+        "cifar10:nodir",
+        "--out",
+        "taken",
+    ];
+    let out = ldnc(&args, dir.path());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--out taken is a file; pass a folder for the run"),
+        "{err}"
+    );
+    assert!(!err.contains("os error"), "{err}");
+    let kept = std::fs::read_to_string(dir.path().join("taken")).unwrap();
+    assert_eq!(kept, "not a run");
+}
+
+#[test]
 fn zero_counts_rejected_before_output() {
     let dir = tempfile::tempdir().unwrap();
     let net = repo().join("examples/quickstart.ron");

@@ -174,6 +174,13 @@ pub fn train_network(source: &NetSource, args: &TrainOptions, quiet: bool) -> Re
             (resumed.spec, resumed.config, resumed.start, dir, stored)
         }
         None => {
+            // Checked before the dataset loads, so that a wrong --out fails at once.
+            if args.out.is_file() {
+                bail!(
+                    "--out {} is a file; pass a folder for the run",
+                    args.out.display()
+                );
+            }
             let spec = source.spec.clone();
             let config = config_from(&spec, args, quiet)?;
             (spec, config, Position::default(), args.out.clone(), None)
