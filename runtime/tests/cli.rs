@@ -84,6 +84,32 @@ fn inspect_plots_the_connection_matrix() {
 }
 
 #[test]
+fn inspect_passes_names_rule_matches() {
+    let net = repo().join("examples/quickstart.ron");
+    let out = ldnc(&["inspect", net.to_str().unwrap(), "--passes"], &repo());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let fusion: Vec<&str> = text.lines().filter(|l| l.starts_with("fusion (")).collect();
+    assert_eq!(fusion.len(), 2, "{text}");
+    for line in fusion {
+        assert!(
+            line.contains("rule matches, not fused steps kept"),
+            "{line}"
+        );
+        assert!(line.contains("`ldnc build --explain`"), "{line}");
+    }
+    let remat = text
+        .lines()
+        .find(|l| l.starts_with("rematerialisation (training): "))
+        .unwrap_or_else(|| panic!("no rematerialisation line: {text}"));
+    assert!(remat.contains("pooled transition input"), "{remat}");
+    assert!(
+        !text.contains("recomputed in the backward pass (training)"),
+        "{text}"
+    );
+}
+
+#[test]
 fn closed_stdout_exits_quietly() {
     let net = repo().join("examples/quickstart.ron");
     for format in ["--passes", "--json"] {

@@ -9,6 +9,7 @@ use ldnc_ir::analysis::Report;
 use ldnc_ir::program::CompiledNet;
 use ldnc_ir::spec::NetSpec;
 use ldnc_ir::{expand, Mode};
+use ldnc_passes::fuse::FuseReport;
 
 use super::compile::{compile_with_report, CompileOptions};
 
@@ -36,7 +37,8 @@ pub struct InspectOptions {
     /// Draw the connection matrix (PNG or SVG, by extension).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
-    /// Also report what the fusion pass did.
+    /// Also report the fusion rules matched per graph and the values that
+    /// rematerialisation recomputes.
     #[arg(long)]
     pub passes: bool,
     /// Report memory of the unfused program.
@@ -103,25 +105,39 @@ pub fn inspect_network(
     }
     print_table(&mut out, &report)?;
     if args.passes {
-        for (name, p) in ["training", "evaluation"].iter().zip(&passes) {
-            let fired: Vec<String> = p.applied.iter().map(|(r, n)| format!("{r} x{n}")).collect();
+        print_passes(&mut out, &passes)?;
+    }
+    Ok(())
+}
+
+/// Prints what the fusion and rematerialisation passes did to each graph.
+/// Rule matches count rewrites added to the e-graph over all iterations, and
+/// extraction need not keep their results, so they are not fused steps.
+fn print_passes(out: &mut impl Write, passes: &[FuseReport]) -> io::Result<()> {
+    for (name, p) in ["training", "evaluation"].iter().zip(passes) {
+        let fired: Vec<String> = p.applied.iter().map(|(r, n)| format!("{r} x{n}")).collect();
+        let fired = if fired.is_empty() {
+            "none".to_string()
+        } else {
+            fired.join(", ")
+        };
+        writeln!(
+            out,
+            "fusion ({name}): {} -> {} nodes, {} ({}), {:.2}s; rule matches, not fused steps \
+             kept (`ldnc build --explain` lists those): {fired}",
+            p.nodes_before,
+            p.nodes_after,
+            super::plural(p.iterations, "iteration"),
+            p.stop_reason,
+            p.seconds,
+        )?;
+        if !p.recomputed.is_empty() {
             writeln!(
                 out,
-                "fusion ({name}): {} -> {} nodes, {} ({}), {:.2}s; {}",
-                p.nodes_before,
-                p.nodes_after,
-                super::plural(p.iterations, "iteration"),
-                p.stop_reason,
-                p.seconds,
-                fired.join(", ")
+                "rematerialisation ({name}): {} recomputed in the backward pass instead of \
+                 stored",
+                super::plural(p.recomputed.len(), "pooled transition input")
             )?;
-            if !p.recomputed.is_empty() {
-                writeln!(
-                    out,
-                    "recomputed in the backward pass ({name}): {}",
-                    super::plural(p.recomputed.len(), "value")
-                )?;
-            }
         }
     }
     Ok(())
