@@ -3,7 +3,7 @@
 //!
 //! The same binary also runs as a compiled network executable: when its own
 //! file ends with a payload written by `ldnc build`, it offers that network's
-//! `train`, `eval` and `inspect` instead of `ldnc`'s commands.
+//! `train`, `eval`, `export` and `inspect` instead of `ldnc`'s commands.
 
 mod cli;
 mod cli_data;
@@ -41,7 +41,8 @@ enum Command {
     Eval(cli::train::EvalArgs),
     /// Write a checkpoint's evaluation program, with batch norms folded into convs, and its tensors to one file.
     Export(cli::export::ExportArgs),
-    /// Compile a network into a standalone executable that trains, evaluates and inspects it.
+    /// Compile a network into a standalone executable that trains, evaluates, exports and
+    /// inspects it.
     Build(cli::build::BuildArgs),
     /// Look at a dataset: split sizes, classes, statistics, undecodable files.
     Data(cli_data::DataArgs),

@@ -303,6 +303,24 @@ fn other_network_checkpoint_names_fields() {
 }
 
 #[test]
+fn help_names_export_command() {
+    let work = TempDir::new().expect("temp dir");
+    let build_help = stdout(&run_ok(Path::new(LDNC), &["build", "--help"], work.path()));
+    assert!(
+        build_help.contains("trains, evaluates, exports and inspects"),
+        "{build_help}"
+    );
+
+    let exe = build_quickstart(work.path(), "quickstart", &[]);
+    let help = stdout(&run_ok(&exe, &["--help"], work.path()));
+    assert!(
+        help.contains("Train, evaluate, export and inspect the network"),
+        "{help}"
+    );
+    assert!(help.contains("  export "), "{help}");
+}
+
+#[test]
 fn builds_are_byte_identical() {
     let first = TempDir::new().expect("temp dir");
     let second = TempDir::new().expect("temp dir");

@@ -623,7 +623,7 @@ fn program_text(program: &Program, title: &str) -> String {
 
 /// Command line of a compiled network executable.
 #[derive(Debug, Parser)]
-#[command(about = "Train, evaluate and inspect the network compiled into this executable")]
+#[command(about = "Train, evaluate, export and inspect the network compiled into this executable")]
 pub struct CompiledCli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
