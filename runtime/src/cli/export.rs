@@ -9,16 +9,14 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ldnc_ir::op::Role;
 use ldnc_ir::program::CompiledNet;
-use ldnc_ir::spec::NetSpec;
 use ldnc_runtime::checkpoint;
 use ldnc_runtime::export;
 use ldnc_runtime::freeze::freeze;
 use ldnc_runtime::kernels::KernelSet;
 use ldnc_runtime::store::Store;
 
-use super::compile::{compile, CompileOptions};
 use super::plural;
-use super::train::checkpoint_file;
+use super::train::{checkpoint_file, load_checkpoint};
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -60,25 +58,8 @@ pub fn export(args: &ExportArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
             out_path.display()
         );
     }
-    let (tensors, meta) = checkpoint::load(&path)?;
-    let spec: NetSpec = serde_json::from_str(&meta.spec_json)
-        .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
-    let options = CompileOptions {
-        fuse: !args.no_fuse,
-        ..CompileOptions::default()
-    };
-    let net = match embedded {
-        Some((exe, compiled)) if compiled.spec != spec => bail!(
-            "{} was trained with a different network than the `{}` compiled into {} ({}); \
-             export it with `ldnc export` or with the executable that trained it",
-            path.display(),
-            compiled.spec.name,
-            exe.display(),
-            super::spec_diff::describe_difference(&spec, &compiled.spec)
-        ),
-        Some((_, compiled)) if !args.no_fuse => compiled.clone(),
-        _ => compile(&spec, options)?,
-    };
+    let loaded = load_checkpoint(&path, embedded, args.no_fuse, "export", "ldnc export")?;
+    let (tensors, meta, spec, net) = (loaded.tensors, loaded.meta, loaded.spec, loaded.net);
     let mut store = Store::init(&[&net.train, &net.eval], 0);
     checkpoint::restore(&path, &mut store, tensors)?;
     let frozen = freeze(&net.eval, &store, KernelSet::Fast)

@@ -519,27 +519,10 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
     if export::is_export(&path) {
         return evaluate_export(args, &path);
     }
-    let (tensors, meta) = checkpoint::load(&path)?;
-    let spec: NetSpec = serde_json::from_str(&meta.spec_json)
-        .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
+    let loaded = load_checkpoint(&path, embedded, args.no_fuse, "evaluate", "ldnc eval")?;
+    let (tensors, spec, compiled) = (loaded.tensors, loaded.spec, loaded.net);
     let (data_spec, source_data) = open_data(&args.data)?;
     let data = Data::from(&source_data);
-    let options = CompileOptions {
-        fuse: !args.no_fuse,
-        ..CompileOptions::default()
-    };
-    let compiled = match embedded {
-        Some((exe, compiled)) if compiled.spec != spec => bail!(
-            "{} was trained with a different network than the `{}` compiled into {} ({}); \
-             evaluate it with `ldnc eval` or with the executable that trained it",
-            path.display(),
-            compiled.spec.name,
-            exe.display(),
-            describe_difference(&spec, &compiled.spec)
-        ),
-        Some((_, compiled)) if !args.no_fuse => compiled.clone(),
-        _ => compile(&spec, options)?,
-    };
     let mut session = Session::new(compiled, args.batch, args.kernels.into(), 0)?;
     checkpoint::restore(&path, &mut session.store, tensors)?;
     // The crop padding and flip only shape training batches, never evaluation.
@@ -554,6 +537,53 @@ pub fn evaluate(args: &EvalArgs, embedded: Option<(&Path, &CompiledNet)>) -> Res
         fused: !args.no_fuse,
     };
     report_evaluation(args, &source, &spec, data, &pipeline, &evaluation)
+}
+
+/// A checkpoint's tensors, metadata and network, with the programs to run it.
+pub struct LoadedCheckpoint {
+    pub tensors: checkpoint::Tensors,
+    pub meta: checkpoint::Meta,
+    pub spec: NetSpec,
+    pub net: CompiledNet,
+}
+
+/// Loads the checkpoint at `path` and the programs of its network: those of
+/// `embedded`, a compiled network executable's path and programs, when fusion
+/// is on, and otherwise compiled afresh from the spec in the checkpoint. A
+/// checkpoint of another network than the embedded one is rejected, naming
+/// the fields that differ, with advice to `verb` it with `command` instead.
+pub fn load_checkpoint(
+    path: &Path,
+    embedded: Option<(&Path, &CompiledNet)>,
+    no_fuse: bool,
+    verb: &str,
+    command: &str,
+) -> Result<LoadedCheckpoint> {
+    let (tensors, meta) = checkpoint::load(path)?;
+    let spec: NetSpec = serde_json::from_str(&meta.spec_json)
+        .with_context(|| format!("the spec stored in {} is unreadable", path.display()))?;
+    let options = CompileOptions {
+        fuse: !no_fuse,
+        ..CompileOptions::default()
+    };
+    let net = match embedded {
+        Some((exe, compiled)) if compiled.spec != spec => bail!(
+            "{} was trained with a different network than the `{}` compiled into {} ({}); \
+             {verb} it with `{command}` or with the executable that trained it",
+            path.display(),
+            compiled.spec.name,
+            exe.display(),
+            describe_difference(&spec, &compiled.spec)
+        ),
+        Some((_, compiled)) if !no_fuse => compiled.clone(),
+        _ => compile(&spec, options)?,
+    };
+    Ok(LoadedCheckpoint {
+        tensors,
+        meta,
+        spec,
+        net,
+    })
 }
 
 /// The file an evaluation ran from and the program it ran.
