@@ -312,26 +312,7 @@ fn folded_eval_matches_unfused() {
 #[test]
 fn export_evaluates_like_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let data = write_tiny_dataset(&dir.path().join("tiny"));
-    let net = repo().join("examples/quickstart.ron");
-    let mut args = vec![
-        "train",
-        net.to_str().unwrap(),
-        "--data",
-        &data,
-        "--epochs",
-        "1",
-        "--batch",
-        "16",
-        "--out",
-        "run",
-        "-q",
-        "--set",
-        "bottleneck=Some(2)",
-    ];
-    args.extend(SMALL);
-    let out = ldnc(&args, dir.path());
-    assert!(out.status.success(), "{}", stderr(&out));
+    let data = train_tiny_run(dir.path(), &["--set", "bottleneck=Some(2)"]);
 
     let export = ["export", "run", "--out", "model.safetensors", "--json"];
     let out = ldnc(&export, dir.path());
@@ -498,9 +479,10 @@ fn write_tiny_dataset(dir: &Path) -> String {
     format!("fashion-mnist:{}", dir.display())
 }
 
-/// Trains the small quick-start network for one epoch on the tiny dataset
-/// into `dir/run`, and returns the data spec.
-fn train_tiny_run(dir: &Path) -> String {
+/// Trains the small quick-start network, with `extra` arguments such as
+/// `--set` overrides, for one epoch on the tiny dataset into `dir/run`, and
+/// returns the data spec.
+fn train_tiny_run(dir: &Path, extra: &[&str]) -> String {
     let data = write_tiny_dataset(&dir.join("tiny"));
     let net = repo().join("examples/quickstart.ron");
     let mut args = vec![
@@ -517,6 +499,7 @@ fn train_tiny_run(dir: &Path) -> String {
         "-q",
     ];
     args.extend(SMALL);
+    args.extend(extra);
     let out = ldnc(&args, dir);
     assert!(out.status.success(), "{}", stderr(&out));
     data
@@ -542,7 +525,7 @@ fn resume_tiny_run(dir: &Path, data: &str, flags: &[&str]) -> Output {
 #[test]
 fn damaged_checkpoint_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let data = train_tiny_run(dir.path());
+    let data = train_tiny_run(dir.path(), &[]);
     let path = dir.path().join("run/checkpoint.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     // The tensor data fills the end of the file, after the JSON header.
@@ -630,7 +613,7 @@ fn zero_counts_rejected_before_output() {
 #[test]
 fn resuming_finished_run_says_how() {
     let dir = tempfile::tempdir().unwrap();
-    let data = train_tiny_run(dir.path());
+    let data = train_tiny_run(dir.path(), &[]);
 
     let out = resume_tiny_run(dir.path(), &data, &["--epochs", "1"]);
     assert!(!out.status.success());
@@ -652,7 +635,7 @@ fn resuming_finished_run_says_how() {
 #[test]
 fn resume_rejects_changed_settings() {
     let dir = tempfile::tempdir().unwrap();
-    let data = train_tiny_run(dir.path());
+    let data = train_tiny_run(dir.path(), &[]);
     let resume = |flags: &[&str]| {
         let flags = [&["--epochs", "2", "-q"][..], flags].concat();
         resume_tiny_run(dir.path(), &data, &flags)
@@ -675,7 +658,7 @@ fn resume_rejects_changed_settings() {
 #[test]
 fn resume_explains_files_and_exports() {
     let dir = tempfile::tempdir().unwrap();
-    let data = train_tiny_run(dir.path());
+    let data = train_tiny_run(dir.path(), &[]);
     let export = ["export", "run", "--out", "model.safetensors"];
     let out = ldnc(&export, dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
@@ -730,7 +713,7 @@ fn resume_explains_files_and_exports() {
 #[test]
 fn resume_names_network_differences() {
     let dir = tempfile::tempdir().unwrap();
-    let data = train_tiny_run(dir.path());
+    let data = train_tiny_run(dir.path(), &[]);
     let flags = ["--epochs", "2", "-q", "--set", "blocks=[2,1,1]"];
     let out = resume_tiny_run(dir.path(), &data, &flags);
     assert!(!out.status.success());
@@ -747,7 +730,7 @@ fn resume_names_network_differences() {
 fn resume_takes_quiet_from_command_line() {
     let dir = tempfile::tempdir().unwrap();
     // The first run is quiet, so its stored configuration hides progress.
-    let data = train_tiny_run(dir.path());
+    let data = train_tiny_run(dir.path(), &[]);
 
     let out = resume_tiny_run(dir.path(), &data, &["--epochs", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
