@@ -35,6 +35,14 @@ pub enum FileKind {
 }
 
 impl FileKind {
+    /// Returns the indefinite article of this kind's noun.
+    fn article(self) -> &'static str {
+        match self {
+            FileKind::Checkpoint => "a",
+            FileKind::Export => "an",
+        }
+    }
+
     /// Returns what to do about a file of this kind that does not parse.
     fn remedy(self) -> &'static str {
         match self {
@@ -81,7 +89,7 @@ pub enum CheckpointError {
     },
     /// A file that does not parse as safetensors, such as another kind of file
     /// or a file cut short.
-    #[error("{path} is not {} {kind} or is truncated: {reason}; {}", article(*kind), kind.remedy())]
+    #[error("{path} is not {} {kind} or is truncated: {reason}; {}", kind.article(), kind.remedy())]
     NotCheckpoint {
         kind: FileKind,
         path: PathBuf,
@@ -118,14 +126,6 @@ pub enum CheckpointError {
          with"
     )]
     Mismatch { path: PathBuf, message: String },
-}
-
-/// Returns the indefinite article of `kind`'s noun.
-fn article(kind: FileKind) -> &'static str {
-    match kind {
-        FileKind::Checkpoint => "a",
-        FileKind::Export => "an",
-    }
 }
 
 /// Training position and provenance stored with the tensors.

@@ -162,12 +162,13 @@ impl Executor {
     }
 
     /// Runs steps `steps`, in the order given, at batch size 1 without feeding
-    /// a batch. The steps must not read the image or the labels.
-    pub fn run_steps(&mut self, store: &mut Store, steps: &[usize]) -> Result<(), ExecError> {
+    /// a batch. The steps must be computed ops (no updates, which change the
+    /// store) that read neither the image nor the labels.
+    pub fn run_compute_steps(&mut self, store: &Store, steps: &[usize]) -> Result<(), ExecError> {
         self.n = 1;
         let params = StepParams { lr: 0.0, seed: 0 };
         for &s in steps {
-            self.run_step(store, s, params)?;
+            self.compute_step(store, s, params)?;
         }
         Ok(())
     }
@@ -180,13 +181,6 @@ impl Executor {
     ) -> Result<(), ExecError> {
         let n = self.n;
         let step = &self.program.steps[s];
-        let out = &self.program.values[step.output];
-        let kernel_error = |source: KernelError| ExecError::Kernel {
-            step: s,
-            op: step.op.name(),
-            value: out.name.clone(),
-            source,
-        };
         match &step.op {
             Op::SgdUpdate {
                 momentum,
@@ -242,35 +236,52 @@ impl Executor {
                     .ok_or_else(|| ExecError::MissingTensor(state.name.clone()))?;
                 optim::bn_running_update(running, &stats, *momentum, n * per_item);
             }
-            op => {
-                let Storage::Buffer(b) = out.storage else {
-                    return Err(ExecError::Program(ldnc_ir::Error::Program(format!(
-                        "computed value {} is not in a buffer",
-                        out.name
-                    ))));
-                };
-                let out_ty: TensorType = out.ty.clone();
-                let len = out_ty.numel(n);
-                let mut target = std::mem::take(&mut self.buffers[b]);
-                let result = {
-                    let mut inputs = Vec::with_capacity(step.inputs.len());
-                    for &i in &step.inputs {
-                        let v = &self.program.values[i];
-                        let data = self.slice(store, i, n)?;
-                        inputs.push(In { data, ty: &v.ty });
-                    }
-                    let ctx = Ctx {
-                        n,
-                        seed: params.seed ^ (s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    };
-                    self.kernels
-                        .compute(op, &inputs, &mut target[..len], &out_ty, &ctx)
-                };
-                self.buffers[b] = target;
-                result.map_err(kernel_error)?;
-            }
+            _ => self.compute_step(store, s, params)?,
         }
         Ok(())
+    }
+
+    /// Runs step `s`, an op that writes a temporary buffer and changes no
+    /// persistent tensor.
+    fn compute_step(
+        &mut self,
+        store: &Store,
+        s: usize,
+        params: StepParams,
+    ) -> Result<(), ExecError> {
+        let n = self.n;
+        let step = &self.program.steps[s];
+        let out = &self.program.values[step.output];
+        let Storage::Buffer(b) = out.storage else {
+            return Err(ExecError::Program(ldnc_ir::Error::Program(format!(
+                "computed value {} is not in a buffer",
+                out.name
+            ))));
+        };
+        let out_ty: TensorType = out.ty.clone();
+        let len = out_ty.numel(n);
+        let mut target = std::mem::take(&mut self.buffers[b]);
+        let result = {
+            let mut inputs = Vec::with_capacity(step.inputs.len());
+            for &i in &step.inputs {
+                let v = &self.program.values[i];
+                let data = self.slice(store, i, n)?;
+                inputs.push(In { data, ty: &v.ty });
+            }
+            let ctx = Ctx {
+                n,
+                seed: params.seed ^ (s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            };
+            self.kernels
+                .compute(&step.op, &inputs, &mut target[..len], &out_ty, &ctx)
+        };
+        self.buffers[b] = target;
+        result.map_err(|source| ExecError::Kernel {
+            step: s,
+            op: step.op.name(),
+            value: out.name.clone(),
+            source,
+        })
     }
 
     /// Returns the data of value `id` at batch `n`.

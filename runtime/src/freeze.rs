@@ -56,13 +56,12 @@ fn parameter_only_steps(program: &Program) -> Vec<bool> {
 pub fn freeze(program: &Program, store: &Store, kernels: KernelSet) -> Result<Frozen, ExecError> {
     let once = parameter_only_steps(program);
     let mut executor = Executor::new(program.clone(), 1, kernels)?;
-    let mut scratch = store.clone();
     // Each output is copied right after its step, because the memory plan may
     // give a later parameter-only value the same buffer.
     let mut outputs = HashMap::new();
     for (s, step) in program.steps.iter().enumerate().filter(|&(s, _)| once[s]) {
-        executor.run_steps(&mut scratch, &[s])?;
-        let data = executor.value(&scratch, step.output)?.to_vec();
+        executor.run_compute_steps(store, &[s])?;
+        let data = executor.value(store, step.output)?.to_vec();
         outputs.insert(step.output, data);
     }
 

@@ -352,7 +352,7 @@ fn export_evaluates_like_checkpoint() {
         stderr(&out)
     );
 
-    // An unfused export says so and accepts --no-fuse.
+    // An unfused export reports `fused: false` and accepts --no-fuse.
     let unfused = ["export", "run", "--out", "unfused.safetensors", "--no-fuse"];
     let out = ldnc(&unfused, dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
@@ -573,8 +573,8 @@ fn out_file_rejected_before_data() {
         "{err}"
     );
     assert!(!err.contains("os error"), "{err}");
-    let kept = std::fs::read_to_string(dir.path().join("taken")).unwrap();
-    assert_eq!(kept, "not a run");
+    let untouched = std::fs::read_to_string(dir.path().join("taken")).unwrap();
+    assert_eq!(untouched, "not a run");
 }
 
 #[test]

@@ -256,9 +256,9 @@ proptest! {
             );
             checked += 1;
         }
-        // A case where every probe flips some ReLU mask, as in a head of one
-        // channel over a few pixels, says nothing about the gradient, so
-        // proptest draws another in its place.
+        // When every probe flips some ReLU mask, as in a head of one channel
+        // over a few pixels, no difference can check the gradient, so
+        // proptest draws another case in its place.
         prop_assume!(checked > 0 || mask.iter().all(|&m| !m), "no probe kept its ReLU mask");
     }
 }

@@ -456,7 +456,7 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(12))]
 
-    /// Freezing runs the batch-norm folds once and drops their steps; the
+    /// Freezing runs the batch-norm folds once and drops their steps. The
     /// frozen program gives the same logits, bit for bit, as the program it
     /// came from, and an export of it loads back unchanged.
     #[test]

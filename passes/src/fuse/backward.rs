@@ -587,6 +587,7 @@ mod tests {
             "affine",
             TensorType::fixed(&[2, 6]),
         );
+
         let inner = g.add(Op::Concat, &[x1, x2], "inner").unwrap();
         let c = g.add(Op::Concat, &[inner, x3], "c").unwrap();
         let stats = g.add(Op::BnStats, &[c], "stats").unwrap();
@@ -598,12 +599,14 @@ mod tests {
         let dx = g
             .add(Op::BnBackward { eps }, &[c, stats, affine, mask], "dx")
             .unwrap();
+
         g.outputs = slices
             .iter()
             .map(|&(start, len)| g.add(Op::Slice { start, len }, &[dx], "d").unwrap())
             .collect();
         // Fusion keeps the loss, so the wide gradient must not be it.
         let loss = g.outputs[0];
+
         TrainingGraph {
             graph: g,
             image: x1,

@@ -379,8 +379,8 @@ struct Resumed {
 /// parent of a run's `checkpoint.safetensors`. Rejects other files, and
 /// exports, which lack the optimizer state and unfolded batch norms that
 /// training needs.
-fn resume_folder(given: &Path) -> Result<PathBuf> {
-    // `subject` names the export: the file given, or the run folder's checkpoint.
+fn resume_folder(argument: &Path) -> Result<PathBuf> {
+    // `subject` names the export: the file passed, or the run folder's checkpoint.
     let export_error = |subject: String| {
         anyhow::anyhow!(
             "--resume {subject} is an export of evaluation-only tensors, written by \
@@ -388,35 +388,35 @@ fn resume_folder(given: &Path) -> Result<PathBuf> {
              wrote"
         )
     };
-    if given.is_dir() {
+    if argument.is_dir() {
         let checkpoint = RunFiles {
-            dir: given.to_path_buf(),
+            dir: argument.to_path_buf(),
         }
         .checkpoint();
         if export::is_export(&checkpoint) {
-            let subject = format!("{}: its checkpoint.safetensors", given.display());
+            let subject = format!("{}: its checkpoint.safetensors", argument.display());
             return Err(export_error(subject));
         }
-        return Ok(given.to_path_buf());
+        return Ok(argument.to_path_buf());
     }
-    if !given.exists() {
+    if !argument.exists() {
         bail!(
             "--resume {}: the folder does not exist; pass the --out folder of the run to continue",
-            given.display()
+            argument.display()
         );
     }
-    if export::is_export(given) {
-        return Err(export_error(given.display().to_string()));
+    if export::is_export(argument) {
+        return Err(export_error(argument.display().to_string()));
     }
-    let parent = given.parent().unwrap_or(Path::new(""));
+    let parent = argument.parent().unwrap_or(Path::new(""));
     let run = RunFiles {
         dir: parent.to_path_buf(),
     };
-    if run.checkpoint() != given {
+    if run.checkpoint() != argument {
         bail!(
             "--resume {} is a file, not a run folder; pass the --out folder of the run to \
              continue, which contains its checkpoint.safetensors",
-            given.display()
+            argument.display()
         );
     }
     // A bare `checkpoint.safetensors` has an empty parent: the current folder.
@@ -662,28 +662,28 @@ fn report_evaluation(
     Ok(())
 }
 
-/// Returns the checkpoint file that `given` names: the file itself, or the
+/// Returns the checkpoint file that `argument` names: the file itself, or the
 /// checkpoint of a run folder.
-pub fn checkpoint_file(given: &Path) -> Result<PathBuf> {
-    if !given.exists() {
+pub fn checkpoint_file(argument: &Path) -> Result<PathBuf> {
+    if !argument.exists() {
         bail!(
             "{} does not exist; pass the checkpoint.safetensors that `ldnc train` wrote, or its \
              run folder",
-            given.display()
+            argument.display()
         );
     }
-    if !given.is_dir() {
-        return Ok(given.to_path_buf());
+    if !argument.is_dir() {
+        return Ok(argument.to_path_buf());
     }
     let checkpoint = RunFiles {
-        dir: given.to_path_buf(),
+        dir: argument.to_path_buf(),
     }
     .checkpoint();
     if !checkpoint.exists() {
         bail!(
             "the folder {} has no {}; pass the --out folder of a run that `ldnc train` \
              finished at least one epoch of, or a checkpoint file",
-            given.display(),
+            argument.display(),
             checkpoint
                 .file_name()
                 .map(|name| name.to_string_lossy())

@@ -271,7 +271,8 @@ impl Kernels for Fast {
         eps: f32,
         out: &mut [f32],
     ) {
-        // One pass over a weight tensor once per batch; too small to split.
+        // One pass over a weight tensor, once per evaluation pass because
+        // evaluation freezes the program, so it is too small to split.
         reference_fold::bn_fold_weight(w, running, affine, eps, out)
     }
     fn bn_fold_bias(&self, running: &[f32], affine: &[f32], eps: f32, bias: &mut [f32]) {
